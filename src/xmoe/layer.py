@@ -1,0 +1,105 @@
+"""The MoE layer: router → capacity → dispatch → experts → combine. A drop-in FFN replacement."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .dispatch import (
+    apply_capacity,
+    check_capacity_factor,
+    expert_capacity,
+    permute,
+    plan_dispatch,
+    unpermute,
+)
+from .experts import Experts
+from .routing import Router, Routing, make_router
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts FFN.
+
+    ``y = moe(x)`` with ``x: [..., d_model]`` returns ``[..., d_model]``. After each call,
+    ``moe.last_routing`` holds the call's :class:`~xmoe.Routing` (kept pairs, losses, stats).
+
+    Args:
+        d_model: model width.
+        num_experts: E >= 1.
+        d_expert: hidden width of each expert (XMoE: small, e.g. d_ff / 8).
+        router: a registered router name (see ``xmoe.available_routers()``) or a Router instance.
+        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"swiglu"``.
+        bias: experts have biases.
+        capacity_factor: training capacity factor; ``None`` (default) is dropless. With a factor,
+            each expert keeps at most ``ceil(cf * N / E)`` pairs.
+        eval_capacity_factor: the same in eval mode; ``None`` (default) is dropless, so eval output
+            does not depend on which other tokens share the batch.
+        backend: expert compute backend, ``"auto"``, ``"grouped_mm"`` or ``"loop"``.
+        **router_options: passed to the router (e.g. ``threshold=0.9``, ``k=2``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        d_expert: int,
+        router: str | Router = "threshold",
+        activation: str = "gelu",
+        bias: bool = True,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        backend: str = "auto",
+        **router_options,
+    ) -> None:
+        super().__init__()
+        self.experts = Experts(num_experts, d_model, d_expert, activation, bias, backend)
+        if isinstance(router, Router):
+            if router_options:
+                raise ValueError("router_options are only accepted with a router name")
+            if router.num_experts != num_experts:
+                raise ValueError(
+                    f"router has {router.num_experts} outputs but num_experts={num_experts}"
+                )
+            self.router = router
+        else:
+            self.router = make_router(router, d_model, num_experts, **router_options)
+        check_capacity_factor("capacity_factor", capacity_factor)
+        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.d_expert = d_expert
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.last_routing: Routing | None = None
+
+    def forward(self, x: Tensor, **router_kwargs) -> Tensor:
+        y, routing = self.forward_with_routing(x, **router_kwargs)
+        self.last_routing = routing
+        return y
+
+    def forward_with_routing(self, x: Tensor, **router_kwargs) -> tuple[Tensor, Routing]:
+        """Like ``forward`` but returns ``(y, routing)`` and keeps no state."""
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
+            )
+        flat = x.reshape(-1, self.d_model)
+        routing = self.router(flat, **router_kwargs)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        if cf is not None:
+            routing = apply_capacity(
+                routing, expert_capacity(cf, routing.num_tokens, self.num_experts)
+            )
+        plan = plan_dispatch(routing)
+        y = self.experts(permute(flat, plan), plan.counts, plan.expert_idx)
+        out = unpermute(y, plan)
+        return out.to(x.dtype).reshape(x.shape), routing
+
+    def compute_ratio(self, experts_per_token: float, d_ff: int) -> float:
+        """Expert FLOPs per token over those of a dense FFN of width ``d_ff`` (same activation)."""
+        return experts_per_token * self.d_expert / d_ff
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity_factor={self.capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}"
+        )

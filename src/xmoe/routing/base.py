@@ -1,0 +1,222 @@
+"""The router interface: every gate turns token features into a ragged list of assignments.
+
+A :class:`Routing` is the one currency between the router, the capacity policy, the dispatcher
+and the combine step. It never holds a dense ``[tokens, experts, capacity]`` tensor: it holds one
+entry per *kept* (token, expert) pair, so top-k (k pairs per token), threshold (1..E pairs per
+token), Expert Choice (0..E) and hash (1) all look the same downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """Kept (token, expert) pairs for one forward call.
+
+    Attributes:
+        token_idx: ``[A]`` int64, row of the flattened input ``[N, d_model]`` each pair reads.
+        expert_idx: ``[A]`` int64, expert each pair runs on, in ``[0, num_experts)``.
+        weight: ``[A]`` fp32, combine weight of the pair (differentiable w.r.t. the router).
+        rank: ``[A]`` int64, position of the expert in the token's preference order (0 = best).
+        score: ``[A]`` fp32, the router probability of the pair, used as the capacity tie-break
+            (lower rank first, then higher score). Detached.
+        num_tokens: N, the number of flattened tokens routed.
+        num_experts: E.
+        losses: named *unweighted* scalar losses this router asks for (the model weights them).
+        num_selected: pairs the router selected before any capacity drop.
+    """
+
+    token_idx: Tensor
+    expert_idx: Tensor
+    weight: Tensor
+    rank: Tensor
+    score: Tensor
+    num_tokens: int
+    num_experts: int
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    num_selected: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_selected is None:
+            self.num_selected = self.num_pairs
+
+    @property
+    def num_pairs(self) -> int:
+        """A, the number of kept pairs."""
+        return int(self.token_idx.shape[0])
+
+    @property
+    def experts_per_token(self) -> float:
+        """Mean number of kept experts per token (A / N)."""
+        return self.num_pairs / max(self.num_tokens, 1)
+
+    @property
+    def expert_counts(self) -> Tensor:
+        """``[E]`` int64, number of kept pairs per expert."""
+        return torch.bincount(self.expert_idx, minlength=self.num_experts)
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Fraction of selected pairs dropped by the capacity policy (0 when dropless)."""
+        sel = self.num_selected or 0
+        return 0.0 if sel == 0 else 1.0 - self.num_pairs / sel
+
+    def select(self, keep: Tensor) -> Routing:
+        """A new Routing with only the pairs where ``keep`` (``[A]`` bool, or int index) holds."""
+        return replace(
+            self,
+            token_idx=self.token_idx[keep],
+            expert_idx=self.expert_idx[keep],
+            weight=self.weight[keep],
+            rank=self.rank[keep],
+            score=self.score[keep],
+        )
+
+    def stats(self) -> dict[str, float | list[int]]:
+        """Host-side summary (syncs): experts/token, per-expert counts, dropped fraction."""
+        return {
+            "experts_per_token": self.experts_per_token,
+            "expert_counts": self.expert_counts.tolist(),
+            "dropped_fraction": self.dropped_fraction,
+        }
+
+
+class Router(nn.Module):
+    """Base class of all routers.
+
+    A router maps ``x: [N, d_model]`` to a :class:`Routing`. Subclasses implement
+    :meth:`forward`. Routers always compute their scores in fp32, even under autocast.
+    """
+
+    num_experts: int
+
+    def forward(self, x: Tensor, **kwargs) -> Routing:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LinearRouter(Router):
+    """A router whose scores are ``logits = x @ weight.T`` with ``weight: [E, d_model]``, no bias.
+
+    The selection rule is left to subclasses (:meth:`select`). This class owns the shared parts:
+    fp32 scores outside autocast, the NaN/inf check and the standard losses.
+
+    Args:
+        d_model: input feature size.
+        num_experts: E, number of router outputs.
+        init_std: std of the normal init of ``weight``. Default 0.02 (GPT-2 style init).
+        balance_over: ``"top1"`` computes the load-balance f_e from each token's top-1 expert as in
+            Switch / the XMoE paper; ``"kept"`` uses all kept pairs.
+        check_finite: raise ``ValueError`` when the router scores hold NaN or inf (one host sync).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        init_std: float = 0.02,
+        balance_over: str = "top1",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_int("d_model", d_model, 1)
+        _check_int("num_experts", num_experts, 1)
+        if balance_over not in ("top1", "kept"):
+            raise ValueError(f"balance_over must be 'top1' or 'kept', got {balance_over!r}")
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.balance_over = balance_over
+        self.check_finite = check_finite
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``x: [N, d_model]`` → fp32 ``[N, E]`` router logits, computed outside autocast."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        if self.check_finite and not bool(torch.isfinite(logits).all()):
+            raise ValueError(
+                "router scores contain NaN or inf: the MoE input x (or the router weight) is not "
+                "finite; expected finite values"
+            )
+        return logits
+
+    def forward(self, x: Tensor, **kwargs) -> Routing:
+        logits = self.logits(x)
+        probs = self.selection_logits(x, logits).softmax(dim=-1)
+        routing = self.select(probs)
+        routing.losses.update(self.standard_losses(logits, probs, routing))
+        return routing
+
+    def selection_logits(self, x: Tensor, logits: Tensor) -> Tensor:
+        """Logits the selection and weights use; the default is the clean logits."""
+        return logits
+
+    def select(self, probs: Tensor) -> Routing:  # pragma: no cover - interface
+        """``probs: [N, E]`` fp32 → the kept pairs. Subclasses implement the selection rule."""
+        raise NotImplementedError
+
+    def standard_losses(self, logits: Tensor, probs: Tensor, routing: Routing) -> dict[str, Tensor]:
+        from .losses import load_balance_loss, z_loss
+
+        if self.balance_over == "top1":
+            assigned = probs.argmax(dim=-1)
+        else:
+            assigned = routing.expert_idx
+        return {
+            "load_balance": load_balance_loss(probs, assigned),
+            "z_loss": z_loss(logits),
+        }
+
+
+def pairs_from_sorted(
+    sorted_probs: Tensor,
+    sorted_experts: Tensor,
+    keep: Tensor,
+    num_experts: int,
+    weights: Tensor | None = None,
+) -> Routing:
+    """Build a Routing from per-token sorted preferences and a keep mask.
+
+    Args:
+        sorted_probs: ``[N, E']`` fp32, each token's probabilities in descending order.
+        sorted_experts: ``[N, E']`` int64, the experts in that order.
+        keep: ``[N, E']`` bool, which ranks are kept.
+        num_experts: E, recorded on the Routing.
+        weights: ``[N, E']`` combine weights (defaults to ``sorted_probs``).
+
+    Pairs come out token-major, rank-minor.
+    """
+    n = sorted_probs.shape[0]
+    token_idx, rank = keep.nonzero(as_tuple=True)
+    w = sorted_probs if weights is None else weights
+    return Routing(
+        token_idx=token_idx,
+        expert_idx=sorted_experts[token_idx, rank],
+        weight=w[token_idx, rank],
+        rank=rank,
+        score=sorted_probs[token_idx, rank].detach(),
+        num_tokens=n,
+        num_experts=num_experts,
+    )
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")

@@ -1,0 +1,58 @@
+"""XMoE threshold router (Yang et al., 2024): a variable number of experts per token."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+from torch import Tensor
+
+from .base import LinearRouter, Routing, _check_int
+from .selection import select_sorted, threshold_keep
+
+
+class ThresholdRouter(LinearRouter):
+    """Keep the smallest set of top experts whose softmax mass reaches ``threshold``.
+
+    p = softmax(x @ W.T) in fp32; experts are sorted by p; the expert at rank r is kept iff the
+    mass of the strictly higher-ranked experts is < t. Easy (peaked) tokens use one expert, hard
+    (flat) tokens use several. At t = 1 every expert is kept (dense-equivalent).
+
+    Args:
+        threshold: t in (0, 1]. Default 0.9, the XMoE paper's main setting.
+        max_experts: optional cap on experts per token, in [1, E].
+        renormalize: combine with p_e / sum(kept p) instead of p_e. Default False: the paper
+            combines with the raw probabilities, so a token's output scale tracks its confidence.
+        **kwargs: see :class:`LinearRouter` (init_std, balance_over, check_finite).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        threshold: float = 0.9,
+        max_experts: int | None = None,
+        renormalize: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(d_model, num_experts, **kwargs)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+            0.0 < threshold <= 1.0
+        ) or math.isnan(threshold):
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        if max_experts is not None:
+            _check_int("max_experts", max_experts, 1, num_experts)
+        self.threshold = float(threshold)
+        self.max_experts = max_experts
+        self.renormalize = bool(renormalize)
+
+    def select(self, probs: Tensor) -> Routing:
+        keep_fn = partial(threshold_keep, threshold=self.threshold, max_experts=self.max_experts)
+        return select_sorted(probs, keep_fn, self.renormalize)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, threshold={self.threshold}, "
+            f"max_experts={self.max_experts}, renormalize={self.renormalize}"
+        )
