@@ -110,6 +110,7 @@ class LinearRouter(Router):
         d_model: input feature size.
         num_experts: E, number of router outputs.
         init_std: std of the normal init of ``weight``. Default 0.02 (GPT-2 style init).
+            Routers whose selection depends on how peaked p is (threshold) choose another default.
         balance_over: ``"top1"`` computes the load-balance f_e from each token's top-1 expert as in
             Switch / the XMoE paper; ``"kept"`` uses all kept pairs.
         check_finite: raise ``ValueError`` when the router scores hold NaN or inf (one host sync).
@@ -120,7 +121,7 @@ class LinearRouter(Router):
         d_model: int,
         num_experts: int,
         *,
-        init_std: float = 0.02,
+        init_std: float | None = None,
         balance_over: str = "top1",
         check_finite: bool = True,
     ) -> None:
@@ -129,8 +130,10 @@ class LinearRouter(Router):
         _check_int("num_experts", num_experts, 1)
         if balance_over not in ("top1", "kept"):
             raise ValueError(f"balance_over must be 'top1' or 'kept', got {balance_over!r}")
-        if not init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {init_std}")
+        if init_std is None:
+            init_std = self.default_init_std(d_model)
+        if not (isinstance(init_std, (int, float)) and init_std > 0):
+            raise ValueError(f"init_std must be a number > 0, got {init_std!r}")
         self.d_model = d_model
         self.num_experts = num_experts
         self.balance_over = balance_over
@@ -138,6 +141,10 @@ class LinearRouter(Router):
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
+
+    @staticmethod
+    def default_init_std(d_model: int) -> float:
+        return 0.02
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)

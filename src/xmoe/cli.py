@@ -1,0 +1,173 @@
+"""``xmoe`` command line: train, eval, generate, routers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USAGE_EXAMPLES = """examples:
+  xmoe train --config configs/demo.yaml --run-dir runs/demo
+  xmoe train --run-dir runs/demo --resume --set train.steps=2000
+  xmoe eval runs/demo
+  xmoe generate runs/demo --prompt "ROMEO." --max-new-tokens 100
+  xmoe routers
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xmoe",
+        description="Sparse Mixture-of-Experts: small experts, threshold routing.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a GPT with MoE FFNs on the corpus")
+    t.add_argument("--config", help="YAML config (defaults apply to missing keys)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.moe.router_options.threshold=0.8")
+    t.add_argument("--run-dir", default="runs/default", help="output directory (default: %(default)s)")
+    t.add_argument("--data", help="UTF-8 text file or folder to train on (default: Shakespeare)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
+    t.add_argument("--overwrite", action="store_true", help="start over in a non-empty --run-dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on the validation split")
+    e.add_argument("run_dir")
+    e.add_argument("--max-tokens", type=int, default=None, help="cap on val tokens (default: all)")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config key at eval time (e.g. the router threshold)")
+
+    g = sub.add_parser("generate", help="sample text from a run's checkpoint")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("routers", help="list the available routers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"xmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    run_dir = Path(args.run_dir)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume uses the run's saved config.yaml; drop --config")
+        config_path = run_dir / "config.yaml"
+        if not config_path.exists():
+            raise ValueError(f"--resume: no config.yaml in run dir {str(run_dir)!r}")
+        cfg = load_config(config_path, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+    summary = train(
+        cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    ept = summary.get("experts_per_token_per_layer") or []
+    lines = [
+        f"run: {run_dir}",
+        f"  steps            {summary['steps']}  ({summary['tokens_seen']:,} tokens, "
+        f"{summary['train_time_s']:.0f}s, {summary['train_tokens_per_s']:.0f} tok/s)",
+        f"  val_ppl          {summary['val_ppl']:.2f}   (val_loss {summary['val_loss']:.4f}; "
+        f"unigram baseline ppl {summary['unigram_ppl']:.1f})",
+    ]
+    if ept:
+        lines += [
+            f"  experts/token    {summary['experts_per_token']:.2f} mean; per MoE layer: "
+            + ", ".join(f"{v:.2f}" for v in ept),
+            f"  moe_compute_ratio {summary['moe_compute_ratio']:.3f}  (expert FLOPs per token / "
+            f"dense FFN of width {summary['d_ff']})",
+        ]
+    lines.append(f"  summary          {run_dir / 'summary.json'}")
+    print("\n".join(lines))
+
+
+def _load_run(run_dir: Path, overrides: list[str]):
+    from .config import load_config
+    from .models import GPT
+    from .train import find_checkpoint, load_data, load_weights
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ValueError(f"run dir {str(run_dir)!r} has no config.yaml (not an xmoe run?)")
+    cfg = load_config(cfg_path, overrides)
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        raise ValueError(f"run dir {str(run_dir)!r} has no checkpoint")
+    model = GPT(cfg.model)
+    load_weights(ckpt, model)
+    model.eval()
+    return cfg, model, load_data(cfg, run_dir)
+
+
+def _eval(args) -> int:
+    from .train import evaluate
+
+    run_dir = Path(args.run_dir)
+    cfg, model, data = _load_run(run_dir, args.overrides)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    result = evaluate(model, data, args.batch_size or cfg.train.eval_batch_size, args.max_tokens)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    run_dir = Path(args.run_dir)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    cfg, model, data = _load_run(run_dir, [])
+    torch.manual_seed(args.seed)
+    ids = data.tokenizer.encode(args.prompt).ids or [0]
+    idx = torch.tensor([ids], dtype=torch.long)
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k)
+    print(data.tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _routers(args) -> int:
+    from .routing import available_routers
+
+    routers = available_routers()
+    width = max(map(len, routers))
+    for name, desc in routers.items():
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "routers": _routers}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

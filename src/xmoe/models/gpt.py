@@ -1,0 +1,254 @@
+"""A small decoder-only GPT whose FFNs can be MoE layers. Read it top to bottom.
+
+Pre-LN blocks, causal scaled-dot-product attention, learned positions, tied embeddings.
+Every ``moe_every``-th block (1-based: blocks moe_every-1, 2*moe_every-1, ...) uses :class:`MoE`
+instead of the dense FFN. The model's loss is the LM cross-entropy plus the weighted router losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..experts import Experts
+from ..layer import MoE
+from ..routing import Routing
+from ..routing.base import _check_int
+
+
+@dataclass
+class MoEConfig:
+    """MoE FFN settings. Defaults: XMoE's small experts (d_ff / 8) with threshold 0.9."""
+
+    num_experts: int = 16  # many narrow experts (XMoE); 16 x d_ff/8 = 2x the dense params
+    d_expert: int = 64  # expert width; XMoE uses d_ff / 8
+    router: str = "threshold"
+    router_options: dict = field(default_factory=dict)  # e.g. {"threshold": 0.9} or {"k": 2}
+    activation: str = "gelu"
+    bias: bool = True
+    capacity_factor: float | None = None  # None = dropless training
+    eval_capacity_factor: float | None = None  # None = dropless eval (batch-invariant)
+    backend: str = "auto"
+    # Unweighted router losses are multiplied by these and added to the LM loss.
+    # 0.01: Switch/XMoE load-balance coefficient; 0.001: ST-MoE z-loss coefficient.
+    loss_coefs: dict = field(default_factory=lambda: {"load_balance": 0.01, "z_loss": 0.001})
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 128  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512  # width of the dense FFN (and the reference for moe_compute_ratio)
+    moe_every: int = 1  # 1: every block is MoE; 2: every second block; 0: no MoE (dense)
+    dropout: float = 0.0
+    activation: str = "gelu"  # dense FFN activation
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
+            _check_int(f"model.{name}", getattr(self, name), 1)
+        _check_int("model.moe_every", self.moe_every, 0)
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.act = {"gelu": nn.GELU(), "relu": nn.ReLU(), "silu": nn.SiLU()}[activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, use_moe: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        if use_moe:
+            m = cfg.moe
+            self.ffn: nn.Module = MoE(
+                cfg.d_model,
+                m.num_experts,
+                m.d_expert,
+                router=m.router,
+                activation=m.activation,
+                bias=m.bias,
+                capacity_factor=m.capacity_factor,
+                eval_capacity_factor=m.eval_capacity_factor,
+                backend=m.backend,
+                **m.router_options,
+            )
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        h = self.ln2(x)
+        if isinstance(self.ffn, MoE):
+            y, routing = self.ffn.forward_with_routing(h)
+        else:
+            y, routing = self.ffn(h), None
+        return x + self.drop(y), routing
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor  # [B, T, vocab]
+    loss: Tensor | None  # LM loss + weighted router losses (None without targets)
+    lm_loss: Tensor | None  # cross-entropy only
+    routings: list[Routing]  # one per MoE block, in depth order
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2L).
+
+        Routers keep their own init (they are not nn.Linear).
+        """
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                for w in (module.w1, module.w3):
+                    if w is not None:
+                        nn.init.normal_(w, std=0.02)
+                nn.init.normal_(module.w2, std=resid_std)
+                for b in (module.b1, module.b2, module.b3):
+                    if b is not None:
+                        nn.init.zeros_(b)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=resid_std)
+            if isinstance(block.ffn, DenseFFN):
+                nn.init.normal_(block.ffn.proj.weight, std=resid_std)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
+        """``idx: [B, T]`` token ids (T <= block_size); ``targets: [B, T]`` or None."""
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        routings: list[Routing] = []
+        for block in self.blocks:
+            x, routing = block(x)
+            if routing is not None:
+                routings.append(routing)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return GPTOutput(logits, None, None, routings)
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = lm_loss + self.router_loss(routings)
+        return GPTOutput(logits, loss, lm_loss, routings)
+
+    def router_loss(self, routings: list[Routing]) -> Tensor | float:
+        """Sum over MoE layers of ``coef * loss`` for each named router loss, mean over layers."""
+        total: Tensor | float = 0.0
+        coefs = self.cfg.moe.loss_coefs
+        for r in routings:
+            for name, value in r.losses.items():
+                coef = coefs.get(name, 0.0)
+                if coef:
+                    total = total + coef * value / len(routings)
+        return total
+
+    @torch.no_grad()
+    def generate(
+        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` continuations of ``idx: [B, T]``."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.cfg.block_size :]
+            logits = self(ctx).logits[:, -1, :].float() / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(logits.softmax(-1), 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and those active per token (experts scaled by experts/token later)."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(p.numel() for m in self.moe_layers for p in m.experts.parameters())
+        return {"total": total, "expert": expert, "non_expert": total - expert}
+
+
+def routing_summary(
+    cfg: GPTConfig,
+    moe_layers: list[MoE],
+    experts_per_token: list[float],
+    dropped_fraction: list[float],
+) -> dict:
+    """Per-layer experts/token and dropped fraction, plus the MoE compute ratio.
+
+    ``moe_compute_ratio`` = expert FLOPs actually computed per token / FLOPs per token of the
+    dense FFN of width ``d_ff`` that the MoE replaces (mean over MoE layers; router excluded).
+    """
+    ratios = [m.compute_ratio(e, cfg.d_ff) for m, e in zip(moe_layers, experts_per_token)]
+    return {
+        "experts_per_token": list(experts_per_token),
+        "moe_compute_ratio": sum(ratios) / len(ratios) if ratios else None,
+        "dropped_fraction": list(dropped_fraction),
+    }
