@@ -69,15 +69,25 @@ def test_train_eval_generate_resume(tmp_path, corpus, capsys):
     assert main(args + sets("train.steps=4")) == 2
     assert "--resume" in capsys.readouterr().err
 
-    assert main(["train", "--run-dir", str(run), "--resume", "--no-progress",
-                 "--set", "train.steps=6"]) == 0
+    assert (
+        main(
+            ["train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "train.steps=6"]
+        )
+        == 0
+    )
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch):
-    overrides = [*TINY, f"data.path={corpus}", "train.steps=6", "train.checkpoint_every=3",
-                 "train.eval_every=100", "model.moe.router=topk",
-                 "model.moe.router_options={k: 2, noisy: true}"]
+    overrides = [
+        *TINY,
+        f"data.path={corpus}",
+        "train.steps=6",
+        "train.checkpoint_every=3",
+        "train.eval_every=100",
+        "model.moe.router=topk",
+        "model.moe.router_options={k: 2, noisy: true}",
+    ]
     full = train(load_config(None, overrides), tmp_path / "full", progress=False)
 
     real_lr_at = trainer_mod.lr_at
@@ -91,8 +101,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, corpus,
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, overrides), tmp_path / "crashed", progress=False)
     monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
-    resumed = train(load_config(None, overrides), tmp_path / "crashed", resume=True,
-                    progress=False)
+    resumed = train(load_config(None, overrides), tmp_path / "crashed", resume=True, progress=False)
 
     a = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "checkpoint" / "model.safetensors"))
@@ -100,9 +109,11 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, corpus,
     for k in a:
         assert (a[k] == b[k]).all(), k
     assert resumed["val_loss"] == full["val_loss"]
-    steps = [json.loads(ln)["step"] for ln in
-             (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(ln)["split"] == "train"]
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(ln)["split"] == "train"
+    ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
@@ -120,8 +131,10 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, corpus,
     ],
 )
 def test_bad_arguments_exit_2_and_name_the_argument(tmp_path, corpus, capsys, override, message):
-    code = main(["train", "--run-dir", str(tmp_path / "r"), "--data", corpus, "--no-progress"]
-                + sets("train.steps=1", override))
+    code = main(
+        ["train", "--run-dir", str(tmp_path / "r"), "--data", corpus, "--no-progress"]
+        + sets("train.steps=1", override)
+    )
     assert code == 2
     assert message in capsys.readouterr().err
 
@@ -134,7 +147,8 @@ def test_eval_and_resume_of_missing_runs_are_clear_errors(tmp_path, capsys):
 
 
 def test_module_entry_point_lists_routers():
-    out = subprocess.run([sys.executable, "-m", "xmoe", "routers"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "xmoe", "routers"], capture_output=True, text=True, check=True
+    ).stdout
     names = [line.split()[0] for line in out.splitlines()]
     assert {"threshold", "topk"} <= set(names)

@@ -27,9 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a GPT with MoE FFNs on the corpus")
     t.add_argument("--config", help="YAML config (defaults apply to missing keys)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.moe.router_options.threshold=0.8")
-    t.add_argument("--run-dir", default="runs/default", help="output directory (default: %(default)s)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.moe.router_options.threshold=0.8",
+    )
+    t.add_argument(
+        "--run-dir", default="runs/default", help="output directory (default: %(default)s)"
+    )
     t.add_argument("--data", help="UTF-8 text file or folder to train on (default: Shakespeare)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
     t.add_argument("--overwrite", action="store_true", help="start over in a non-empty --run-dir")
@@ -39,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--max-tokens", type=int, default=None, help="cap on val tokens (default: all)")
     e.add_argument("--batch-size", type=int, default=None)
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config key at eval time (e.g. the router threshold)")
+    e.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config key at eval time (e.g. the router threshold)",
+    )
 
     g = sub.add_parser("generate", help="sample text from a run's checkpoint")
     g.add_argument("run_dir")

@@ -114,9 +114,8 @@ def _coerce(path: str, hint, value):
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
         raise ValueError(f"config key {path!r} must be {hint.__name__}, got {value!r}")
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {path!r} must be a mapping, got {value!r}")
+    if (hint is dict or origin is dict) and not isinstance(value, dict):
+        raise ValueError(f"config key {path!r} must be a mapping, got {value!r}")
     return value
 
 
@@ -158,9 +157,14 @@ def _merge(base: dict, new: dict) -> dict:
     out = dict(base)
     for k, v in new.items():
         # router_options / loss_coefs are replaced whole, other sections merge key by key.
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
-            "router_options",
-            "loss_coefs",
+        if (
+            isinstance(v, dict)
+            and isinstance(out.get(k), dict)
+            and k
+            not in (
+                "router_options",
+                "loss_coefs",
+            )
         ):
             out[k] = _merge(out[k], v)
         else:

@@ -40,7 +40,9 @@ def path_documents(path: str | Path) -> list[Document]:
     docs = []
     for f in files:
         try:
-            docs.append(Document(str(f.relative_to(p) if p.is_dir() else f.name), f.read_text("utf-8")))
+            docs.append(
+                Document(str(f.relative_to(p) if p.is_dir() else f.name), f.read_text("utf-8"))
+            )
         except UnicodeDecodeError as exc:
             raise ValueError(f"data file {str(f)!r} is not valid UTF-8 text") from exc
     docs = [d for d in docs if d.text.strip()]

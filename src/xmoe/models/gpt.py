@@ -184,7 +184,7 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
         """``idx: [B, T]`` token ids (T <= block_size); ``targets: [B, T]`` or None."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
+        if self.cfg.block_size < T:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import load_balance_loss, z_loss
+
 
 @dataclass
 class Routing:
@@ -176,12 +178,8 @@ class LinearRouter(Router):
         raise NotImplementedError
 
     def standard_losses(self, logits: Tensor, probs: Tensor, routing: Routing) -> dict[str, Tensor]:
-        from .losses import load_balance_loss, z_loss
-
-        if self.balance_over == "top1":
-            assigned = probs.argmax(dim=-1)
-        else:
-            assigned = routing.expert_idx
+        top1 = self.balance_over == "top1"
+        assigned = probs.argmax(dim=-1) if top1 else routing.expert_idx
         return {
             "load_balance": load_balance_loss(probs, assigned),
             "z_loss": z_loss(logits),

@@ -8,7 +8,9 @@ from torch import Tensor
 from .base import Routing, pairs_from_sorted
 
 
-def threshold_keep(sorted_probs: Tensor, threshold: float, max_experts: int | None = None) -> Tensor:
+def threshold_keep(
+    sorted_probs: Tensor, threshold: float, max_experts: int | None = None
+) -> Tensor:
     """XMoE threshold rule on descending-sorted probabilities.
 
     Keep rank ``r`` iff the mass of the strictly higher-ranked experts is ``< threshold``. This is
@@ -32,10 +34,8 @@ def threshold_keep(sorted_probs: Tensor, threshold: float, max_experts: int | No
     return keep
 
 
-def select_sorted(
-    probs: Tensor, keep_fn, renormalize: bool, k: int | None = None
-) -> Routing:
-    """Sort each token's probabilities, apply ``keep_fn(sorted_probs) -> [N, E'] bool``, build pairs.
+def select_sorted(probs: Tensor, keep_fn, renormalize: bool, k: int | None = None) -> Routing:
+    """Sort each token's probabilities, keep ranks where ``keep_fn(sorted_probs)``, build pairs.
 
     Args:
         probs: ``[N, E]`` fp32 router probabilities.

@@ -42,9 +42,12 @@ class ThresholdRouter(LinearRouter):
         **kwargs,
     ) -> None:
         super().__init__(d_model, num_experts, **kwargs)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-            0.0 < threshold <= 1.0
-        ) or math.isnan(threshold):
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not (0.0 < threshold <= 1.0)
+            or math.isnan(threshold)
+        ):
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
         if max_experts is not None:
             _check_int("max_experts", max_experts, 1, num_experts)

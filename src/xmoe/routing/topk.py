@@ -1,4 +1,4 @@
-"""Top-k router: Shazeer et al. 2017 (optionally noisy), GShard/Mixtral (renormalised), Switch (k=1)."""
+"""Top-k router: Shazeer 2017 (optionally noisy), GShard/Mixtral (renormalised), Switch (k=1)."""
 
 from __future__ import annotations
 

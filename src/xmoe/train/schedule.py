@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+def lr_at(
+    step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> float:
     """Learning rate for 0-based ``step``."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
