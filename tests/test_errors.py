@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import D_EXPERT, D_MODEL, NUM_EXPERTS, make_moe
 
+from conftest import D_EXPERT, D_MODEL, NUM_EXPERTS, make_moe
 from xmoe import Experts, MoE, ThresholdRouter, TopKRouter, make_router
 
 

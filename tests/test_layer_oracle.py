@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import (
     D_MODEL,
     NUM_EXPERTS,
@@ -17,7 +18,6 @@ from conftest import (
     reference_selection,
     router_probs,
 )
-
 from xmoe import Routing, apply_capacity, expert_capacity
 
 N_TOKENS = 24
@@ -88,7 +88,9 @@ def _check_layer_against_oracle(moe, x, atol=1e-5):
     for name, got, want in zip(names, grads, grads_ref, strict=True):
         got = torch.zeros_like(params[name]) if got is None else got
         want = torch.zeros_like(params[name]) if want is None else want
-        torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got, want, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
     # the check is not vacuous: the router weight does receive gradient
     assert grads_ref[1] is not None and grads_ref[1].abs().sum() > 0
     return routing

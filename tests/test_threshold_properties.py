@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import D_MODEL, dense_mixture, make_moe, reference_threshold, router_probs
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import D_MODEL, dense_mixture, make_moe, reference_threshold, router_probs
 from xmoe import ThresholdRouter, TopKRouter
 from xmoe.routing import load_balance_loss, z_loss
 from xmoe.routing.selection import threshold_keep
@@ -71,6 +71,48 @@ def test_threshold_keep_is_minimal_prefix_reaching_t(probs, t):
             assert count == e or masses[count] >= t
             # ... and is minimal: one rank fewer does not reach t
             assert masses[count - 1] < t
+
+
+@st.composite
+def dyadic_rows(draw, denom=64, max_experts=8):
+    """Probabilities ``c / denom`` with integer counts summing to ``denom`` (exact in fp32)."""
+    e = draw(st.integers(1, max_experts))
+    cuts = sorted(draw(st.lists(st.integers(0, denom), min_size=e - 1, max_size=e - 1)))
+    counts = [b - a for a, b in zip([0, *cuts], [*cuts, denom], strict=True)]
+    return sorted(counts, reverse=True)
+
+
+@FAST
+@given(counts=dyadic_rows(), j=st.integers(1, 64))
+def test_threshold_keep_exact_boundary_mass_equal_to_t_stops_the_prefix(counts, j):
+    # All sums are exact, so "reaches t" includes equality: once the kept mass == t, stop.
+    sp = torch.tensor([counts], dtype=torch.float32) / 64
+    t = j / 64
+    keep = threshold_keep(sp, t)[0].tolist()
+    expected, before = [], 0
+    for c in counts:
+        expected.append(t >= 1.0 or before < j)
+        before += c
+    assert keep == expected
+
+
+def test_threshold_keep_stops_when_mass_exactly_reaches_t():
+    sp = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    assert threshold_keep(sp, 0.5).tolist() == [[True, False, False, False]]
+    assert threshold_keep(sp, 0.75).tolist() == [[True, True, False, False]]
+    assert threshold_keep(sp, 0.7501).tolist() == [[True, True, True, False]]
+    # t = 1 keeps even the zero-probability tail
+    assert threshold_keep(sp, 1.0).tolist() == [[True, True, True, True]]
+
+
+def test_threshold_router_breaks_probability_ties_by_lower_expert_index():
+    router = ThresholdRouter(D_MODEL, 4, threshold=0.5)
+    with torch.no_grad():
+        router.weight.zero_()  # uniform p = 0.25: keep two experts, the lowest-indexed ones
+    routing = router(torch.randn(3, D_MODEL))
+    assert routing.token_idx.tolist() == [0, 0, 1, 1, 2, 2]
+    assert routing.expert_idx.tolist() == [0, 1, 0, 1, 0, 1]
+    assert routing.rank.tolist() == [0, 1, 0, 1, 0, 1]
 
 
 @FAST
