@@ -116,6 +116,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
             + ", ".join(f"{v:.2f}" for v in ept),
             f"  moe_compute_ratio {summary['moe_compute_ratio']:.3f}  (expert FLOPs per token / "
             f"dense FFN of width {summary['d_ff']})",
+            f"  load imbalance   {summary['load_imbalance']:.2f} mean max/mean expert load",
         ]
     lines.append(f"  summary          {run_dir / 'summary.json'}")
     print("\n".join(lines))

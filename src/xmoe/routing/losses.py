@@ -33,3 +33,34 @@ def z_loss(logits: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def cv_squared(values: Tensor) -> Tensor:
+    """Squared coefficient of variation ``var / mean^2`` of a ``[E]`` vector (Shazeer 2017).
+
+    Zero for a perfectly even vector; 0 when E == 1.
+    """
+    values = values.float()
+    if values.numel() <= 1:
+        return values.sum() * 0.0
+    return values.var() / (values.mean().square() + 1e-10)
+
+
+def threshold_soft_count(sorted_probs: Tensor, threshold: float, temperature: float) -> Tensor:
+    """Differentiable estimate of the experts a token needs to reach ``threshold``.
+
+    ``sum_r sigmoid((t - mass_before_r) / temperature)`` over the descending-sorted ``[N, E]``
+    probabilities, averaged over tokens: the hard count replaces the sigmoid with a step.
+    Minimising it concentrates mass on the top experts so fewer are needed.
+    """
+    if sorted_probs.shape[0] == 0:
+        return sorted_probs.sum() * 0.0
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return torch.sigmoid((threshold - mass_before) / temperature).sum(dim=-1).mean()
+
+
+def entropy_loss(probs: Tensor) -> Tensor:
+    """Mean per-token entropy of the router distribution ``[N, E]`` (lower = more peaked)."""
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()

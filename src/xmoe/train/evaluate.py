@@ -24,6 +24,7 @@ def evaluate(model: GPT, data: TokenData, batch_size: int, max_tokens: int | Non
     n_moe = len(model.moe_layers)
     pairs = [0] * n_moe
     selected = [0] * n_moe
+    loads = [torch.zeros(m.num_experts, dtype=torch.long) for m in model.moe_layers]
     for x, y in data.val_batches(batch_size, cfg.block_size, max_tokens):
         out = model(x, y)
         n = y.numel()
@@ -32,6 +33,7 @@ def evaluate(model: GPT, data: TokenData, batch_size: int, max_tokens: int | Non
         for i, r in enumerate(out.routings):
             pairs[i] += r.num_pairs
             selected[i] += r.num_selected or 0
+            loads[i] += r.expert_counts.cpu()
     model.train(was_training)
     loss = total_loss / total_tokens
     summary = routing_summary(
@@ -40,9 +42,17 @@ def evaluate(model: GPT, data: TokenData, batch_size: int, max_tokens: int | Non
         [p / total_tokens for p in pairs],
         [1 - p / s if s else 0.0 for p, s in zip(pairs, selected)],
     )
+    summary["load_imbalance"] = [load_imbalance(c) for c in loads]
+    summary["expert_load"] = [c.tolist() for c in loads]
     return {
         "val_loss": loss,
         "val_ppl": math.exp(min(loss, 50.0)),
         "val_tokens": total_tokens,
         **{f"val_{k}": v for k, v in summary.items()},
     }
+
+
+def load_imbalance(counts: torch.Tensor) -> float:
+    """max / mean of per-expert pair counts: 1 is perfectly balanced, E is full collapse."""
+    mean = counts.float().mean()
+    return float(counts.max() / mean) if mean > 0 else float("nan")

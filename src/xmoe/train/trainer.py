@@ -204,6 +204,8 @@ def build_summary(cfg: RunConfig, model: GPT, data: TokenData, state: dict, fina
         "experts_per_token_per_layer": ept_layers,
         "moe_compute_ratio": final["val_moe_compute_ratio"],
         "dropped_fraction": _mean(final["val_dropped_fraction"]),
+        "load_imbalance": _mean(final["val_load_imbalance"]),
+        "load_imbalance_per_layer": final["val_load_imbalance"],
         "val_tokens": final["val_tokens"],
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
