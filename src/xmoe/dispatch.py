@@ -30,7 +30,7 @@ def check_capacity_factor(name: str, value: float | None) -> None:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
+        raise ValueError(f"{name} must be None, 'dropless' or a number > 0, got {value!r}")
 
 
 def apply_capacity(routing: Routing, capacity: int) -> Routing:

@@ -29,8 +29,9 @@ class MoE(nn.Module):
         router: a registered router name (see ``xmoe.available_routers()``) or a Router instance.
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"swiglu"``.
         bias: experts have biases.
-        capacity_factor: training capacity factor; ``None`` (default) is dropless. With a factor,
-            each expert keeps at most ``ceil(cf * N / E)`` pairs.
+        capacity_factor: training capacity factor. ``None`` (default) uses the router's default:
+            dropless for every router except ``switch`` (1.25). ``"dropless"`` (or ``inf``)
+            forces dropless. With a factor, each expert keeps at most ``ceil(cf * N / E)`` pairs.
         eval_capacity_factor: the same in eval mode; ``None`` (default) is dropless, so eval output
             does not depend on which other tokens share the batch.
         backend: expert compute backend, ``"auto"``, ``"grouped_mm"`` or ``"loop"``.
@@ -45,8 +46,8 @@ class MoE(nn.Module):
         router: str | Router = "threshold",
         activation: str = "gelu",
         bias: bool = True,
-        capacity_factor: float | None = None,
-        eval_capacity_factor: float | None = None,
+        capacity_factor: float | str | None = None,
+        eval_capacity_factor: float | str | None = None,
         backend: str = "auto",
         **router_options,
     ) -> None:
@@ -62,8 +63,10 @@ class MoE(nn.Module):
             self.router = router
         else:
             self.router = make_router(router, d_model, num_experts, **router_options)
-        check_capacity_factor("capacity_factor", capacity_factor)
-        check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
+        if capacity_factor is None:
+            capacity_factor = self.router.default_capacity_factor
+        capacity_factor = _dropless_to_none("capacity_factor", capacity_factor)
+        eval_capacity_factor = _dropless_to_none("eval_capacity_factor", eval_capacity_factor)
         self.d_model = d_model
         self.num_experts = num_experts
         self.d_expert = d_expert
@@ -103,3 +106,11 @@ class MoE(nn.Module):
             f"capacity_factor={self.capacity_factor}, "
             f"eval_capacity_factor={self.eval_capacity_factor}"
         )
+
+
+def _dropless_to_none(name: str, value: float | str | None) -> float | None:
+    """``"dropless"`` / ``inf`` / None → None; otherwise a validated factor > 0."""
+    if value == "dropless" or value == float("inf"):
+        return None
+    check_capacity_factor(name, value)
+    return value

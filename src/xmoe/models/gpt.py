@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..experts import Experts
 from ..layer import MoE
-from ..routing import Routing
+from ..routing import Routing, router_class
 from ..routing.base import _check_int
 
 
@@ -30,12 +30,13 @@ class MoEConfig:
     router_options: dict = field(default_factory=dict)  # e.g. {"threshold": 0.9} or {"k": 2}
     activation: str = "gelu"
     bias: bool = True
-    capacity_factor: float | None = None  # None = dropless training
-    eval_capacity_factor: float | None = None  # None = dropless eval (batch-invariant)
+    # None: the router's default (dropless, except switch: 1.25); "dropless" forces dropless.
+    capacity_factor: float | str | None = None
+    eval_capacity_factor: float | str | None = None  # None = dropless eval (batch-invariant)
     backend: str = "auto"
-    # Unweighted router losses are multiplied by these and added to the LM loss.
-    # 0.01: Switch/XMoE load-balance coefficient; 0.001: ST-MoE z-loss coefficient.
-    loss_coefs: dict = field(default_factory=lambda: {"load_balance": 0.01, "z_loss": 0.001})
+    # Coefficients of the router losses added to the LM loss, by name. Each router brings its
+    # paper's defaults (e.g. load_balance 0.01, z_loss 0.001); entries here override them.
+    loss_coefs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +107,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         if use_moe:
             m = cfg.moe
+            options = dict(m.router_options)
+            if router_class(m.router).uses_token_ids:
+                options.setdefault("vocab_size", cfg.vocab_size)
             self.ffn: nn.Module = MoE(
                 cfg.d_model,
                 m.num_experts,
@@ -116,16 +120,16 @@ class Block(nn.Module):
                 capacity_factor=m.capacity_factor,
                 eval_capacity_factor=m.eval_capacity_factor,
                 backend=m.backend,
-                **m.router_options,
+                **options,
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
+    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Routing | None]:
         x = x + self.drop(self.attn(self.ln1(x)))
         h = self.ln2(x)
         if isinstance(self.ffn, MoE):
-            y, routing = self.ffn.forward_with_routing(h)
+            y, routing = self.ffn.forward_with_routing(h, token_ids=token_ids)
         else:
             y, routing = self.ffn(h), None
         return x + self.drop(y), routing
@@ -190,7 +194,7 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         routings: list[Routing] = []
         for block in self.blocks:
-            x, routing = block(x)
+            x, routing = block(x, idx)
             if routing is not None:
                 routings.append(routing)
         logits = self.head(self.ln_f(x))
@@ -200,10 +204,15 @@ class GPT(nn.Module):
         loss = lm_loss + self.router_loss(routings)
         return GPTOutput(logits, loss, lm_loss, routings)
 
+    def loss_coefs(self) -> dict[str, float]:
+        """The router's paper defaults, overridden by ``model.moe.loss_coefs``."""
+        defaults = self.moe_layers[0].router.default_loss_coefs if self.moe_layers else {}
+        return {**defaults, **self.cfg.moe.loss_coefs}
+
     def router_loss(self, routings: list[Routing]) -> Tensor | float:
         """Sum over MoE layers of ``coef * loss`` for each named router loss, mean over layers."""
         total: Tensor | float = 0.0
-        coefs = self.cfg.moe.loss_coefs
+        coefs = self.loss_coefs()
         for r in routings:
             for name, value in r.losses.items():
                 coef = coefs.get(name, 0.0)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import inspect
 
+from .balanced import BalancedAssignmentRouter
 from .base import LinearRouter, Router, Routing
-from .losses import load_balance_loss, z_loss
+from .expert_choice import ExpertChoiceRouter
+from .hash import HashRouter
+from .losses import cv_squared, entropy_loss, load_balance_loss, threshold_soft_count, z_loss
+from .noisy import NoisyTopKRouter
+from .selection import PreferenceRouter
 from .threshold import ThresholdRouter
-from .topk import TopKRouter
+from .topk import GShardRouter, SwitchRouter, TopKRouter
 
 # name -> (class, one-line description). `xmoe routers` prints this table.
 ROUTERS: dict[str, tuple[type[Router], str]] = {
@@ -17,7 +22,31 @@ ROUTERS: dict[str, tuple[type[Router], str]] = {
     ),
     "topk": (
         TopKRouter,
-        "top-k softmax gate (Shazeer 2017); renormalize=True is GShard/Mixtral, k=1 is Switch",
+        "top-k softmax gate; options k, renormalize, noisy, null experts, loss-free balancing",
+    ),
+    "switch": (
+        SwitchRouter,
+        "Switch Transformer: top-1, capacity factor 1.25 in training, scaled-down router init",
+    ),
+    "gshard": (
+        GShardRouter,
+        "GShard: top-2 renormalised over the pair, random routing of the 2nd expert in training",
+    ),
+    "noisy_topk": (
+        NoisyTopKRouter,
+        "Shazeer 2017: learned-noise top-k with importance and smooth load (normal CDF) losses",
+    ),
+    "expert_choice": (
+        ExpertChoiceRouter,
+        "Expert Choice: each expert takes its top c*N/E tokens (0..E experts per token)",
+    ),
+    "hash": (
+        HashRouter,
+        "Hash layers: fixed token-id -> expert table (random or frequency balanced), unlearned",
+    ),
+    "base": (
+        BalancedAssignmentRouter,
+        "BASE layers: balanced linear assignment in training, greedy top-1 at eval, sigmoid gate",
     ),
 }
 
@@ -27,15 +56,19 @@ def available_routers() -> dict[str, str]:
     return {name: desc for name, (_, desc) in ROUTERS.items()}
 
 
+def router_class(name: str) -> type[Router]:
+    if name not in ROUTERS:
+        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}")
+    return ROUTERS[name][0]
+
+
 def make_router(name: str, d_model: int, num_experts: int, **options) -> Router:
     """Build the router registered as ``name``.
 
     Raises:
         ValueError: unknown router name, unknown option, or an option out of range.
     """
-    if name not in ROUTERS:
-        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}")
-    cls = ROUTERS[name][0]
+    cls = router_class(name)
     accepted = _accepted_options(cls)
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -58,13 +91,24 @@ def _accepted_options(cls: type) -> set[str]:
 
 __all__ = [
     "ROUTERS",
+    "BalancedAssignmentRouter",
+    "ExpertChoiceRouter",
+    "GShardRouter",
+    "HashRouter",
     "LinearRouter",
+    "NoisyTopKRouter",
+    "PreferenceRouter",
     "Router",
     "Routing",
+    "SwitchRouter",
     "ThresholdRouter",
     "TopKRouter",
     "available_routers",
+    "cv_squared",
+    "entropy_loss",
     "load_balance_loss",
     "make_router",
+    "router_class",
+    "threshold_soft_count",
     "z_loss",
 ]

@@ -42,7 +42,9 @@ class BalancedAssignmentRouter(LinearRouter):
         logits = self.logits(x)
         n = logits.shape[0]
         if self.training:
-            expert = balanced_assignment(logits, self.assignment, sinkhorn_iters=self.sinkhorn_iters)
+            expert = balanced_assignment(
+                logits, self.assignment, sinkhorn_iters=self.sinkhorn_iters
+            )
         else:
             expert = logits.argmax(dim=-1)
         token_idx = torch.arange(n, device=x.device)

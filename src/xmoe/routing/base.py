@@ -32,6 +32,7 @@ class Routing:
         num_experts: E.
         losses: named *unweighted* scalar losses this router asks for (the model weights them).
         num_selected: pairs the router selected before any capacity drop.
+        extras: router-specific scalar statistics (e.g. ``null_fraction``), as tensors.
     """
 
     token_idx: Tensor
@@ -43,6 +44,7 @@ class Routing:
     num_experts: int
     losses: dict[str, Tensor] = field(default_factory=dict)
     num_selected: int | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_selected is None:
@@ -78,6 +80,7 @@ class Routing:
             weight=self.weight[keep],
             rank=self.rank[keep],
             score=self.score[keep],
+            extras=dict(self.extras),
         )
 
     def stats(self) -> dict[str, float | list[int]]:
@@ -94,9 +97,19 @@ class Router(nn.Module):
 
     A router maps ``x: [N, d_model]`` to a :class:`Routing`. Subclasses implement
     :meth:`forward`. Routers always compute their scores in fp32, even under autocast.
+
+    Class attributes a router may override:
+        uses_token_ids: the router needs ``token_ids`` (``[N]`` input ids) in ``forward``.
+        default_loss_coefs: the paper's coefficient for each loss it reports; the model config's
+            ``loss_coefs`` override them by name.
+        default_capacity_factor: training capacity factor used when the layer's
+            ``capacity_factor`` is left at None (None: dropless).
     """
 
     num_experts: int
+    uses_token_ids: bool = False
+    default_loss_coefs: dict[str, float] = {}
+    default_capacity_factor: float | None = None
 
     def forward(self, x: Tensor, **kwargs) -> Routing:  # pragma: no cover - interface
         raise NotImplementedError
@@ -104,6 +117,9 @@ class Router(nn.Module):
 
 class LinearRouter(Router):
     """A router whose scores are ``logits = x @ weight.T`` with ``weight: [E, d_model]``, no bias.
+
+    ``num_outputs`` (not a user option) lets a subclass score extra outputs, e.g. null experts:
+    ``weight`` is then ``[num_outputs, d_model]``.
 
     The selection rule is left to subclasses (:meth:`select`). This class owns the shared parts:
     fp32 scores outside autocast, the NaN/inf check and the standard losses.
@@ -118,10 +134,14 @@ class LinearRouter(Router):
         check_finite: raise ``ValueError`` when the router scores hold NaN or inf (one host sync).
     """
 
+    # 0.01: the Switch / XMoE load-balance coefficient; 0.001: the ST-MoE z-loss coefficient.
+    default_loss_coefs = {"load_balance": 0.01, "z_loss": 0.001}
+
     def __init__(
         self,
         d_model: int,
         num_experts: int,
+        num_outputs: int | None = None,
         *,
         init_std: float | None = None,
         balance_over: str = "top1",
@@ -141,7 +161,8 @@ class LinearRouter(Router):
         self.balance_over = balance_over
         self.check_finite = check_finite
         self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.num_outputs = num_experts if num_outputs is None else num_outputs
+        self.weight = nn.Parameter(torch.empty(self.num_outputs, d_model))
         self.reset_parameters()
 
     @staticmethod
@@ -178,6 +199,8 @@ class LinearRouter(Router):
         raise NotImplementedError
 
     def standard_losses(self, logits: Tensor, probs: Tensor, routing: Routing) -> dict[str, Tensor]:
+        """Load balance over the first E (real) outputs, and the z-loss over all logits."""
+        probs = probs[:, : self.num_experts]
         top1 = self.balance_over == "top1"
         assigned = probs.argmax(dim=-1) if top1 else routing.expert_idx
         return {
@@ -199,7 +222,7 @@ def pairs_from_sorted(
         sorted_probs: ``[N, E']`` fp32, each token's probabilities in descending order.
         sorted_experts: ``[N, E']`` int64, the experts in that order.
         keep: ``[N, E']`` bool, which ranks are kept.
-        num_experts: E, recorded on the Routing.
+        num_experts: E', recorded on the Routing.
         weights: ``[N, E']`` combine weights (defaults to ``sorted_probs``).
 
     Pairs come out token-major, rank-minor.

@@ -59,7 +59,9 @@ class HashRouter(Router):
         if self.balance != "frequency":
             return
         if counts.shape != (self.vocab_size,):
-            raise ValueError(f"counts must have shape [{self.vocab_size}], got {tuple(counts.shape)}")
+            raise ValueError(
+                f"counts must have shape [{self.vocab_size}], got {tuple(counts.shape)}"
+            )
         order = torch.argsort(counts.double(), descending=True, stable=True).tolist()
         heap = [(0.0, e) for e in range(self.num_experts)]
         table = torch.empty(self.vocab_size, dtype=torch.long)
@@ -91,4 +93,7 @@ class HashRouter(Router):
         )
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, vocab_size={self.vocab_size}, balance={self.balance!r}"
+        return (
+            f"num_experts={self.num_experts}, vocab_size={self.vocab_size}, "
+            f"balance={self.balance!r}"
+        )

@@ -64,7 +64,11 @@ class NoisyTopKRouter(LinearRouter):
         else:
             load = torch.bincount(routing.expert_idx, minlength=e).to(clean.dtype)
         routing.losses.update(
-            {"importance": cv_squared(importance), "load": cv_squared(load), "z_loss": z_loss(clean)}
+            {
+                "importance": cv_squared(importance),
+                "load": cv_squared(load),
+                "z_loss": z_loss(clean),
+            }
         )
         return routing
 

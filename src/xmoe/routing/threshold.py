@@ -7,11 +7,12 @@ from functools import partial
 
 from torch import Tensor
 
-from .base import LinearRouter, Routing, _check_int
-from .selection import select_sorted, threshold_keep
+from .base import Routing, _check_int
+from .losses import entropy_loss, threshold_soft_count
+from .selection import PreferenceRouter, select_sorted, threshold_keep
 
 
-class ThresholdRouter(LinearRouter):
+class ThresholdRouter(PreferenceRouter):
     """Keep the smallest set of top experts whose softmax mass reaches ``threshold``.
 
     p = softmax(x @ W.T) in fp32; experts are sorted by p; the expert at rank r is kept iff the
@@ -23,13 +24,21 @@ class ThresholdRouter(LinearRouter):
         max_experts: optional cap on experts per token, in [1, E].
         renormalize: combine with p_e / sum(kept p) instead of p_e. Default False: the paper
             combines with the raw probabilities, so a token's output scale tracks its confidence.
+        soft_count_temperature: temperature of the ``soft_count`` sparsity loss. Default 0.05.
         init_std: router weight init std. Default ``3 / sqrt(d_model)``: logits start with std
             about 3 for unit-variance inputs. A near-uniform start (std 0.02) makes t = 0.9 keep
             ~90% of the experts and training only slowly sparsifies it: on the demo GPT
             (16 experts, 300 steps) 0.02 ended at ~12 experts/token, 0.3 (= 3.4/sqrt(128)) at
             ~4.4 with lower val loss.
-        **kwargs: see :class:`LinearRouter` (init_std, balance_over, check_finite).
+        **kwargs: see :class:`PreferenceRouter` (null experts, loss-free balancing) and
+            :class:`LinearRouter`.
+
+    Losses: ``load_balance``, ``z_loss`` and two sparsity regularisers (coefficient 0 unless
+    set in ``loss_coefs``): ``entropy`` (mean entropy of p) and ``soft_count`` (a differentiable
+    estimate of the number of experts needed to reach t).
     """
+
+    default_loss_coefs = {"load_balance": 0.01, "z_loss": 0.001, "entropy": 0.0, "soft_count": 0.0}
 
     def __init__(
         self,
@@ -39,32 +48,46 @@ class ThresholdRouter(LinearRouter):
         threshold: float = 0.9,
         max_experts: int | None = None,
         renormalize: bool = False,
+        soft_count_temperature: float = 0.05,
         **kwargs,
     ) -> None:
         super().__init__(d_model, num_experts, **kwargs)
         if (
             isinstance(threshold, bool)
             or not isinstance(threshold, (int, float))
-            or not (0.0 < threshold <= 1.0)
             or math.isnan(threshold)
+            or not (0.0 < threshold <= 1.0)
         ):
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
         if max_experts is not None:
             _check_int("max_experts", max_experts, 1, num_experts)
+        if not (isinstance(soft_count_temperature, (int, float)) and soft_count_temperature > 0):
+            raise ValueError(
+                f"soft_count_temperature must be a number > 0, got {soft_count_temperature!r}"
+            )
         self.threshold = float(threshold)
         self.max_experts = max_experts
         self.renormalize = bool(renormalize)
+        self.soft_count_temperature = float(soft_count_temperature)
 
     @staticmethod
     def default_init_std(d_model: int) -> float:
         return 3.0 / math.sqrt(d_model)
 
-    def select(self, probs: Tensor) -> Routing:
+    def select(self, probs: Tensor, order_scores: Tensor | None = None) -> Routing:
         keep_fn = partial(threshold_keep, threshold=self.threshold, max_experts=self.max_experts)
-        return select_sorted(probs, keep_fn, self.renormalize)
+        return select_sorted(probs, keep_fn, self.renormalize, order_scores=order_scores)
+
+    def extra_losses(self, probs: Tensor) -> dict[str, Tensor]:
+        ranked = probs.sort(dim=-1, descending=True).values
+        return {
+            "entropy": entropy_loss(probs),
+            "soft_count": threshold_soft_count(ranked, self.threshold, self.soft_count_temperature),
+        }
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, threshold={self.threshold}, "
-            f"max_experts={self.max_experts}, renormalize={self.renormalize}"
+            f"max_experts={self.max_experts}, renormalize={self.renormalize}, "
+            f"num_null_experts={self.num_null_experts}, loss_free_balance={self.loss_free_balance}"
         )

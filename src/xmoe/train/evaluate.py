@@ -25,6 +25,7 @@ def evaluate(model: GPT, data: TokenData, batch_size: int, max_tokens: int | Non
     pairs = [0] * n_moe
     selected = [0] * n_moe
     loads = [torch.zeros(m.num_experts, dtype=torch.long) for m in model.moe_layers]
+    extras: list[dict[str, float]] = [{} for _ in range(n_moe)]  # token-weighted sums
     for x, y in data.val_batches(batch_size, cfg.block_size, max_tokens):
         out = model(x, y)
         n = y.numel()
@@ -34,6 +35,8 @@ def evaluate(model: GPT, data: TokenData, batch_size: int, max_tokens: int | Non
             pairs[i] += r.num_pairs
             selected[i] += r.num_selected or 0
             loads[i] += r.expert_counts.cpu()
+            for name, value in r.extras.items():
+                extras[i][name] = extras[i].get(name, 0.0) + float(value) * r.num_tokens
     model.train(was_training)
     loss = total_loss / total_tokens
     summary = routing_summary(
@@ -44,6 +47,8 @@ def evaluate(model: GPT, data: TokenData, batch_size: int, max_tokens: int | Non
     )
     summary["load_imbalance"] = [load_imbalance(c) for c in loads]
     summary["expert_load"] = [c.tolist() for c in loads]
+    for name in sorted({k for layer in extras for k in layer}):
+        summary[name] = [layer.get(name, 0.0) / total_tokens for layer in extras]
     return {
         "val_loss": loss,
         "val_ppl": math.exp(min(loss, 50.0)),

@@ -41,6 +41,16 @@ def build_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
+def fit_token_statistics(model: GPT, data: TokenData) -> None:
+    """Give routers that want corpus token counts (frequency-balanced hash) the train counts."""
+    routers = [m.router for m in model.moe_layers if hasattr(m.router, "fit_frequencies")]
+    if routers:
+        vocab = model.cfg.vocab_size
+        counts = torch.bincount(torch.from_numpy(data.train.astype("int64")), minlength=vocab)
+        for router in routers:
+            router.fit_frequencies(counts[:vocab])
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ValueError("--resume and --overwrite are mutually exclusive")
@@ -86,6 +96,7 @@ def train(
 
     data = load_data(cfg, run_dir)
     model = GPT(cfg.model)
+    fit_token_statistics(model, data)
     optimizer = build_optimizer(model, cfg)
     state = {"step": 0, "tokens_seen": 0, "train_time_s": 0.0}
     if resume:
@@ -163,6 +174,7 @@ def train(
                         "grad_norm": None if grad_norm is None else grad_norm.item(),
                         "tokens_per_s": tokens_per_step / step_time,
                         "router_losses": _router_losses(out.routings),
+                        **_extras(out.routings),
                         **routing,
                     }
                 )
@@ -206,6 +218,7 @@ def build_summary(cfg: RunConfig, model: GPT, data: TokenData, state: dict, fina
         "dropped_fraction": _mean(final["val_dropped_fraction"]),
         "load_imbalance": _mean(final["val_load_imbalance"]),
         "load_imbalance_per_layer": final["val_load_imbalance"],
+        "null_fraction": _mean(final.get("val_null_fraction", [])),
         "val_tokens": final["val_tokens"],
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
@@ -236,6 +249,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     tmp.replace(path)
+
+
+def _extras(routings) -> dict[str, list[float]]:
+    names = sorted({k for r in routings for k in r.extras})
+    return {k: [float(r.extras[k]) if k in r.extras else None for r in routings] for k in names}
 
 
 def _mean(values: list[float]) -> float | None:
