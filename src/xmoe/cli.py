@@ -13,6 +13,7 @@ USAGE_EXAMPLES = """examples:
   xmoe eval runs/demo
   xmoe generate runs/demo --prompt "ROMEO." --max-new-tokens 100
   xmoe routers
+  xmoe compare --routers switch,gshard,threshold --steps 400
 """
 
 
@@ -65,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("routers", help="list the available routers")
+
+    c = sub.add_parser(
+        "compare", help="train several routers on the same GPT/corpus budget and tabulate them"
+    )
+    c.add_argument("--routers", help="comma-separated router or variant names (see --list)")
+    c.add_argument("--list", action="store_true", help="list the named variants and exit")
+    c.add_argument("--steps", type=int, default=None, help="training steps per variant")
+    c.add_argument("--config", default="configs/demo.yaml", help="base config (%(default)s)")
+    c.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key for every variant",
+    )
+    c.add_argument("--out", default="runs/compare", help="output directory (%(default)s)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -181,7 +200,49 @@ def _routers(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "routers": _routers}
+def _compare(args) -> int:
+    import shlex
+
+    from .compare import VARIANTS, run_comparison, variant_overrides
+    from .config import load_config
+
+    if args.list:
+        for name, spec in VARIANTS.items():
+            print(f"{name:<22} {spec}")
+        return 0
+    if not args.routers:
+        raise ValueError("--routers is required (comma-separated names; see --list)")
+    names = [n.strip() for n in args.routers.split(",") if n.strip()]
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    from .models import GPT
+
+    for name in names:  # validate every variant (config and router options) before training
+        GPT(load_config(args.config, [*args.overrides, *variant_overrides(name)]).model)
+    command = "xmoe compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    rows = run_comparison(
+        names,
+        Path(args.out),
+        config=args.config,
+        overrides=args.overrides,
+        steps=args.steps,
+        progress=not args.no_progress,
+        command=command,
+    )
+    from .compare import markdown_table
+
+    print(markdown_table(rows))
+    print(f"results: {Path(args.out) / 'results.md'} and results.json")
+    return 0
+
+
+_COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "generate": _generate,
+    "routers": _routers,
+    "compare": _compare,
+}
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def run_comparison(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in variants:
-        extra = [*overrides, *variant_overrides(name)]
+        # Equal budgets: no wall-clock cut-off (the demo config has one), same steps for all.
+        extra = ["train.time_limit_s=0", *overrides, *variant_overrides(name)]
         if steps is not None:
             extra.append(f"train.steps={steps}")
         cfg = load_config(config, extra)  # validates before any training starts

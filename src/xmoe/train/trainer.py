@@ -87,15 +87,14 @@ def train(
     """Train (or resume) a run; returns the summary dict also written to ``summary.json``."""
     run_dir = Path(run_dir)
     cfg.validate()
-    prepare_run_dir(run_dir, resume, overwrite)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
+    model = GPT(cfg.model)  # before touching the run dir: bad router options fail fast
+    prepare_run_dir(run_dir, resume, overwrite)
     cfg.save(run_dir / "config.yaml")
-
     data = load_data(cfg, run_dir)
-    model = GPT(cfg.model)
     fit_token_statistics(model, data)
     optimizer = build_optimizer(model, cfg)
     state = {"step": 0, "tokens_seen": 0, "train_time_s": 0.0}
