@@ -41,6 +41,15 @@ def build_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
+def notify_step(model: torch.nn.Module, step: int, total_steps: int) -> None:
+    """Step callback: every submodule with ``set_step(step, total_steps)`` (schedules such as
+    the DTS gate temperature or the local-search annealing) is told the current step."""
+    for module in model.modules():
+        set_step = getattr(module, "set_step", None)
+        if callable(set_step):
+            set_step(step, total_steps)
+
+
 def fit_token_statistics(model: GPT, data: TokenData) -> None:
     """Give routers that want corpus token counts (frequency-balanced hash) the train counts."""
     routers = [m.router for m in model.moe_layers if hasattr(m.router, "fit_frequencies")]
@@ -131,6 +140,7 @@ def train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            notify_step(model, step, t.steps)
             step_start = time.perf_counter()
             x, y = data.train_batch(step, t.batch_size, cfg.model.block_size, t.seed)
             out = model(x, y)
