@@ -143,8 +143,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 def _load_run(run_dir: Path, overrides: list[str]):
     from .config import load_config
-    from .models import GPT
     from .train import find_checkpoint, load_data, load_weights
+    from .train.evo_recipe import build_model
+    from .train.trainer import checkpoint_step
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -153,7 +154,7 @@ def _load_run(run_dir: Path, overrides: list[str]):
     ckpt = find_checkpoint(run_dir)
     if ckpt is None:
         raise ValueError(f"run dir {str(run_dir)!r} has no checkpoint")
-    model = GPT(cfg.model)
+    model = build_model(cfg, checkpoint_step(run_dir))
     load_weights(ckpt, model)
     model.eval()
     return cfg, model, load_data(cfg, run_dir)

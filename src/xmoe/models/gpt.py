@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..experts import Experts
 from ..layer import MoE
-from ..routing import Routing, router_class
+from ..routing import Routing, make_router, router_class
 from ..routing.base import _check_int
 
 
@@ -37,6 +37,13 @@ class MoEConfig:
     # Coefficients of the router losses added to the LM loss, by name. Each router brings its
     # paper's defaults (e.g. load_balance 0.01, z_loss 0.001); entries here override them.
     loss_coefs: dict = field(default_factory=dict)
+    # COMET+ permutation local search around the router (options of
+    # xmoe.routing.local_search.PermutationLocalSearch); {} = off.
+    local_search: dict = field(default_factory=dict)
+    # EvoMoE recipe: each MoE layer starts as one expert of width d_expert; at
+    # `diversify_step` it is split into num_experts masked copies ("mask_ratio", "noise_std")
+    # and training continues with `router` (typically "dts"). {} = off.
+    evo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +105,39 @@ class DenseFFN(nn.Module):
         return self.proj(self.act(self.fc(x)))
 
 
+def build_moe(
+    cfg: GPTConfig,
+    num_experts: int | None = None,
+    router: str | None = None,
+    router_options: dict | None = None,
+    wrap: bool = True,
+) -> MoE:
+    """The MoE layer ``cfg.moe`` describes (optionally with another size or router), with the
+    local-search wrapper when ``cfg.moe.local_search`` is set."""
+    m = cfg.moe
+    num_experts = m.num_experts if num_experts is None else num_experts
+    name = m.router if router is None else router
+    options = dict(m.router_options if router_options is None else router_options)
+    if router_class(name).uses_token_ids:
+        options.setdefault("vocab_size", cfg.vocab_size)
+    routing_module = make_router(name, cfg.d_model, num_experts, **options)
+    if m.local_search and wrap:
+        from ..routing.local_search import PermutationLocalSearch
+
+        routing_module = PermutationLocalSearch(routing_module, **m.local_search)
+    return MoE(
+        cfg.d_model,
+        num_experts,
+        m.d_expert,
+        router=routing_module,
+        activation=m.activation,
+        bias=m.bias,
+        capacity_factor=m.capacity_factor,
+        eval_capacity_factor=m.eval_capacity_factor,
+        backend=m.backend,
+    )
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, use_moe: bool) -> None:
         super().__init__()
@@ -106,22 +146,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         if use_moe:
-            m = cfg.moe
-            options = dict(m.router_options)
-            if router_class(m.router).uses_token_ids:
-                options.setdefault("vocab_size", cfg.vocab_size)
-            self.ffn: nn.Module = MoE(
-                cfg.d_model,
-                m.num_experts,
-                m.d_expert,
-                router=m.router,
-                activation=m.activation,
-                bias=m.bias,
-                capacity_factor=m.capacity_factor,
-                eval_capacity_factor=m.eval_capacity_factor,
-                backend=m.backend,
-                **options,
-            )
+            self.ffn: nn.Module = build_moe(cfg)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
 

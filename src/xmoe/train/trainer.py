@@ -23,6 +23,7 @@ from ..data.dataset import TokenData, prepare_data
 from ..models.gpt import GPT, routing_summary
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
+from .evo_recipe import EvoRecipe, build_model, carry_optimizer_state
 from .schedule import lr_at
 
 
@@ -39,6 +40,12 @@ def build_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's checkpoint (0 when there is none)."""
+    ckpt = find_checkpoint(run_dir)
+    return json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0
 
 
 def notify_step(model: torch.nn.Module, step: int, total_steps: int) -> None:
@@ -100,7 +107,9 @@ def train(
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model)  # before touching the run dir: bad router options fail fast
+    recipe = EvoRecipe.from_config(cfg)
+    # Built before touching the run dir, so bad router options fail fast.
+    model = build_model(cfg, checkpoint_step(run_dir) if resume else 0)
     prepare_run_dir(run_dir, resume, overwrite)
     cfg.save(run_dir / "config.yaml")
     data = load_data(cfg, run_dir)
@@ -131,6 +140,12 @@ def train(
     last_eval = None
     try:
         for step in range(start_step, t.steps):
+            if recipe is not None and step == recipe.diversify_step:
+                recipe.diversify(model)
+                new_optimizer = build_optimizer(model, cfg)
+                carry_optimizer_state(optimizer, new_optimizer)
+                optimizer = new_optimizer
+                bar.write(f"step {step}: EvoMoE diversify -> {cfg.model.moe.num_experts} experts")
             lr = lr_at(
                 step,
                 lr=t.lr,
