@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
@@ -220,7 +222,7 @@ def _compare(args) -> int:
 
     for name in names:  # validate every variant (config and router options) before training
         GPT(load_config(args.config, [*args.overrides, *variant_overrides(name)]).model)
-    command = "xmoe compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = "xmoe " + " ".join(shlex.quote(a) for a in args.argv)
     rows = run_comparison(
         names,
         Path(args.out),

@@ -43,6 +43,23 @@ VARIANTS: dict[str, dict] = {
         "router": "threshold",
         "router_options": {"threshold": 0.9, "num_null_experts": 4},
     },
+    "dselect_k": {"router": "dselect_k", "router_options": {"k": 2}},
+    "comet": {"router": "comet", "router_options": {"k": 2}},
+    "comet+local_search": {
+        "router": "comet",
+        "router_options": {"k": 2},
+        "local_search": {"search_fraction": 0.1},
+    },
+    "topk+local_search": {
+        "router": "topk",
+        "router_options": {"k": 2},
+        "local_search": {"search_fraction": 0.1},
+    },
+    "evomoe": {
+        "router": "dts",
+        "router_options": {"renormalize": True},
+        "evo": {"diversify_step": 100, "mask_ratio": 0.5},
+    },
     "threshold+loss_free": {
         "router": "threshold",
         "router_options": {"threshold": 0.9, "loss_free_balance": True},

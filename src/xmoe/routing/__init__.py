@@ -6,6 +6,9 @@ import inspect
 
 from .balanced import BalancedAssignmentRouter
 from .base import LinearRouter, Router, Routing
+from .comet import CometRouter
+from .dselect import DSelectKRouter
+from .dts import DenseToSparseRouter
 from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter
 from .losses import cv_squared, entropy_loss, load_balance_loss, threshold_soft_count, z_loss
@@ -47,6 +50,18 @@ ROUTERS: dict[str, tuple[type[Router], str]] = {
     "base": (
         BalancedAssignmentRouter,
         "BASE layers: balanced linear assignment in training, greedy top-1 at eval, sigmoid gate",
+    ),
+    "dselect_k": (
+        DSelectKRouter,
+        "DSelect-k: k smooth-step binary selectors, softmax-mixed; exactly sparse once binary",
+    ),
+    "comet": (
+        CometRouter,
+        "COMET: k soft binary trees (smooth-step nodes), one softmax over all leaves",
+    ),
+    "dts": (
+        DenseToSparseRouter,
+        "EvoMoE dense-to-sparse: Gumbel-softmax with annealed temperature, drop G < 1e-3",
     ),
 }
 
@@ -92,6 +107,9 @@ def _accepted_options(cls: type) -> set[str]:
 __all__ = [
     "ROUTERS",
     "BalancedAssignmentRouter",
+    "CometRouter",
+    "DSelectKRouter",
+    "DenseToSparseRouter",
     "ExpertChoiceRouter",
     "GShardRouter",
     "HashRouter",
