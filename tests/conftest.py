@@ -195,3 +195,13 @@ def pair_set(routing) -> set[tuple[int, int]]:
 
 def expert_params(moe) -> dict[str, torch.Tensor]:
     return {n: p for n, p in moe.experts.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: the tiny tensors here run fastest that way, and the suite
+    stays quick when another job shares the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,14 +32,6 @@ def tiny_config(router="threshold", router_options=None, **moe_overrides) -> GPT
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------
 # The GPT with the new routers
 # --------------------------------------------------------------------------------------------

@@ -30,15 +30,6 @@ from xmoe.routing.smooth_step import smooth_step
 N_TOKENS = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------
 # Independent references
 # --------------------------------------------------------------------------------------------

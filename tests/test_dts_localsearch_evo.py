@@ -29,15 +29,6 @@ E = 6
 N = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _x(n=N, d=D_MODEL, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 

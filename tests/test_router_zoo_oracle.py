@@ -30,15 +30,6 @@ NUM_NULL = 2
 LOSS_FREE_BIAS = torch.tensor([0.25, -0.2, 0.1, -0.05])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is ~50x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------
 # Independent references: each returns candidate pairs {(t, e): (rank, score)} before capacity
 # and a differentiable weight function weight(t, e).

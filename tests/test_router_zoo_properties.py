@@ -33,15 +33,6 @@ from xmoe.routing.selection import threshold_keep
 FAST = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is far faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _x(n, d=D_MODEL, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
