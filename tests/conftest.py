@@ -197,6 +197,24 @@ def expert_params(moe) -> dict[str, torch.Tensor]:
     return {n: p for n, p in moe.experts.named_parameters()}
 
 
+def assert_grads_match(y, y_ref, params: dict, atol: float = 1e-5) -> dict:
+    """Gradients of a fixed random projection of ``y`` and of the oracle ``y_ref`` agree for every
+    tensor in ``params``; returns the oracle's gradients by name (zeros where unused)."""
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    names, tensors = list(params), list(params.values())
+    grads = torch.autograd.grad((y * g).sum(), tensors, allow_unused=True, retain_graph=True)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), tensors, allow_unused=True)
+    out = {}
+    for name, got, want in zip(names, grads, grads_ref, strict=True):
+        got = torch.zeros_like(params[name]) if got is None else got
+        want = torch.zeros_like(params[name]) if want is None else want
+        torch.testing.assert_close(
+            got, want, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+        out[name] = want
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread per test: the tiny tensors here run fastest that way, and the suite

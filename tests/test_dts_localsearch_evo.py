@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from conftest import D_EXPERT, D_MODEL, expert_apply, expert_params, loop_oracle, pair_set
+from conftest import (
+    D_EXPERT,
+    D_MODEL,
+    assert_grads_match,
+    expert_apply,
+    expert_params,
+    loop_oracle,
+    pair_set,
+)
 from xmoe import MoE
 from xmoe.evo import diversify_experts, spawn_moe
 from xmoe.experts import Experts
@@ -35,20 +43,6 @@ def _x(n=N, d=D_MODEL, seed=0):
 
 def _per_token(routing):
     return torch.bincount(routing.token_idx, minlength=routing.num_tokens)
-
-
-def _grad_check(y, y_ref, params: dict, atol=1e-5):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
-    names, tensors = list(params), list(params.values())
-    grads = torch.autograd.grad((y * g).sum(), tensors, allow_unused=True, retain_graph=True)
-    grads_ref = torch.autograd.grad((y_ref * g).sum(), tensors, allow_unused=True)
-    for name, got, want in zip(names, grads, grads_ref, strict=True):
-        got = torch.zeros_like(params[name]) if got is None else got
-        want = torch.zeros_like(params[name]) if want is None else want
-        torch.testing.assert_close(
-            got, want, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    return dict(zip(names, grads_ref, strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +224,7 @@ def test_dts_in_moe_matches_loop_oracle(cfg, backend, training):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
     params = {"x": x, "router.weight": router.weight}
     params.update({f"experts.{k}": v for k, v in expert_params(moe).items()})
-    grads = _grad_check(y, y_ref, params)
+    grads = assert_grads_match(y, y_ref, params)
     assert grads["router.weight"].abs().sum() > 0
     assert set(r.losses) == {"load_balance", "z_loss"}
 
@@ -355,7 +349,7 @@ def test_local_search_soft_matches_loop_oracle(backend, training):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
     params = {"x": x, "inner.weight": ls.inner.weight, "L": ls.perm_logits}
     params.update({f"experts.{k}": v for k, v in expert_params(moe).items()})
-    grads = _grad_check(y, y_ref, params)
+    grads = assert_grads_match(y, y_ref, params)
     assert grads["L"].abs().sum() > 0  # L learns while soft
     # ranks: 0..(pairs of the token - 1), by descending weight
     for t in range(N):
