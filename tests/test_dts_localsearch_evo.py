@@ -202,7 +202,7 @@ def test_dts_gumbel_noise_only_in_training():
     ],
     ids=["default", "renorm-0.02", "hard-top1", "thr-0.1"],
 )
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment"])
 def test_dts_in_moe_matches_loop_oracle(cfg, backend, training):
     router = DenseToSparseRouter(D_MODEL, E, init_std=0.5, **cfg)
     moe = MoE(D_MODEL, E, D_EXPERT, router=router, backend=backend)
@@ -329,7 +329,7 @@ def soft_oracle(x, moe, gumbel=None):
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-noise-replayed"])
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment"])
 def test_local_search_soft_matches_loop_oracle(backend, training):
     moe = _wrapped_moe(backend, tau_start=0.7)
     moe.train(training)

@@ -15,7 +15,7 @@ from conftest import (
     router_probs,
 )
 
-BACKENDS = ["loop", "grouped_mm"]
+BACKENDS = ["loop", "grouped_mm", "segment"]
 
 
 def _steer_router(moe, favour, scale=10.0):

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", default="runs/compare", help="output directory (%(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    # Subcommands that live with their feature: each module adds parsers whose
+    # ``handler`` default is the command function (heavy imports stay inside the handler).
+    from .convert.cli import add_parsers as add_convert_parsers
+
+    add_convert_parsers(sub)
     return p
 
 
@@ -91,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    handler = getattr(args, "handler", None) or _COMMANDS[args.command]
     try:
-        return _COMMANDS[args.command](args)
+        return handler(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"xmoe {args.command}: error: {exc}", file=sys.stderr)
         return 2

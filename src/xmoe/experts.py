@@ -4,10 +4,14 @@ Expert ``e`` computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; GLU activation
 compute ``silu(x @ w1[e] + b1[e]) * (x @ w3[e] + b3[e]) @ w2[e] + b2[e]``.
 
 Backends (all compute only the rows they are given, i.e. only kept pairs):
-- ``grouped_mm``: ``torch._grouped_mm`` over contiguous segments with int32 offsets. Needs 16-byte
-  aligned row strides (d_model and d_expert multiples of 4 in fp32, 8 in bf16).
-- ``loop``: one GEMM per non-empty segment.
-- ``auto``: ``grouped_mm`` where it works, ``loop`` otherwise.
+- ``segment``: one hand-written autograd node (:mod:`xmoe.ops.segment_ffn`): per-segment GEMMs
+  into preallocated buffers, elementwise work batched over all rows, weight gradients written
+  straight into stacked buffers. Any dtype, any shape. The fastest on CPU.
+- ``grouped_mm``: ``torch._grouped_mm`` over contiguous segments with int32 offsets, autograd
+  through PyTorch's own backward. Needs 16-byte aligned row strides (d_model and d_expert
+  multiples of 4 in fp32, 8 in bf16). One kernel per GEMM on CUDA.
+- ``loop``: one autograd GEMM per non-empty segment (the plain reference).
+- ``auto``: ``grouped_mm`` on CUDA where it works, ``segment`` otherwise.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import segment_ffn
 from .routing.base import _check_int
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-BACKENDS = ("auto", "grouped_mm", "loop")
+BACKENDS = ("auto", "segment", "grouped_mm", "loop")
 
 
 class Experts(nn.Module):
@@ -33,7 +38,7 @@ class Experts(nn.Module):
         d_expert: hidden width of each expert.
         activation: one of ``"gelu"`` (exact erf), ``"relu"``, ``"silu"``, ``"swiglu"`` (GLU).
         bias: add ``b1 [E, d_expert]`` and ``b2 [E, d_model]`` (and ``b3`` for GLU).
-        backend: one of ``"auto"``, ``"grouped_mm"``, ``"loop"``.
+        backend: one of ``"auto"``, ``"segment"``, ``"grouped_mm"``, ``"loop"``.
 
     Parameters: ``w1 [E, d_model, d_expert]``, ``w2 [E, d_expert, d_model]``, ``w3`` like ``w1``
     for GLU. Every expert is initialised independently (nn.Linear's default bounds).
@@ -84,10 +89,14 @@ class Experts(nn.Module):
         """Multiply-add FLOPs (x2) of one token through one expert, biases excluded."""
         return 2 * self.d_model * self.d_expert * (3 if self.glu else 2)
 
-    def resolve_backend(self, dtype: torch.dtype) -> str:
+    def resolve_backend(self, dtype: torch.dtype, device: torch.device | None = None) -> str:
+        """The backend ``auto`` picks: ``grouped_mm`` on CUDA when supported, else ``segment``."""
         if self.backend != "auto":
             return self.backend
-        return "grouped_mm" if grouped_mm_supported(dtype, self.d_model, self.d_expert) else "loop"
+        on_cuda = device is not None and device.type == "cuda"
+        if on_cuda and grouped_mm_supported(dtype, self.d_model, self.d_expert):
+            return "grouped_mm"
+        return "segment"
 
     def forward(self, x: Tensor, counts: Tensor, expert_idx: Tensor) -> Tensor:
         """Run each expert on its segment.
@@ -101,7 +110,21 @@ class Experts(nn.Module):
         """
         dtype = compute_dtype(x)
         x = x.to(dtype)
-        backend = self.resolve_backend(dtype)
+        backend = self.resolve_backend(dtype, x.device)
+        if backend == "segment":
+            sizes = counts.tolist()  # the one host sync: Python needs the segment sizes
+            return segment_ffn(
+                x,
+                sizes,
+                expert_idx,
+                self.w1,
+                self.w2,
+                self.w3,
+                self.b1,
+                self.b2,
+                self.b3,
+                self.activation,
+            )
         if backend == "grouped_mm":
             if not grouped_mm_supported(dtype, self.d_model, self.d_expert):
                 raise ValueError(
