@@ -1,4 +1,4 @@
-"""Dense → sparse conversion of HF models (``xmoe convert``) on tiny random configs (no downloads)."""
+"""Dense → sparse conversion of HF models (``xmoe convert``), on tiny random configs."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def tiny_bert():
 
 
 def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=2, n_inner=D_FF, n_positions=32)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=2, n_inner=D_FF, n_positions=32
+    )
     return transformers.GPT2Model(cfg).eval()
 
 
@@ -94,7 +96,9 @@ def test_all_experts_selected_reproduces_dense_model(name):
     assert manifest["adapter"] == name
     ffns = converted_ffns(model)
     assert len(ffns) == LAYERS
-    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == D_FF for m in model.modules())
+    assert not any(
+        isinstance(m, torch.nn.Linear) and m.out_features == D_FF for m in model.modules()
+    )
     set_threshold(model, 1.0)
     out = hidden(model, batches[0])
     torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
@@ -181,12 +185,15 @@ def test_oracle_keeps_experts_with_most_activation_mass():
     y = ffn(x)
     assert torch.equal(ffn.last_kept, torch.ones(6, dtype=torch.long))
     top = mass.argmax(-1)
-    want = torch.stack(
-        [
-            ffn.experts(x[i : i + 1], torch.nn.functional.one_hot(top[i], 4), top[i : i + 1])[0]
-            for i in range(6)
-        ]
-    ) + ffn.out_bias
+    want = (
+        torch.stack(
+            [
+                ffn.experts(x[i : i + 1], torch.nn.functional.one_hot(top[i], 4), top[i : i + 1])[0]
+                for i in range(6)
+            ]
+        )
+        + ffn.out_bias
+    )
     torch.testing.assert_close(y, want)
 
 
@@ -197,7 +204,7 @@ def test_learned_router_beats_the_input_independent_guess():
     convert_model(model, ConvertConfig(num_experts=4, router_steps=200, calib_tokens=500), inputs=x)
     for ffn, xi in zip(converted_ffns(model), x):
         q = ffn.oracle_share(xi)
-        kl = lambda p: (q * (q.log() - p.log())).sum(-1).mean()
+        kl = lambda p, q=q: (q * (q.log() - p.log())).sum(-1).mean()
         prior = q.mean(0, keepdim=True).expand_as(q)  # best input-independent prediction
         with torch.no_grad():
             assert kl(ffn.router(xi).softmax(-1)) < 0.8 * kl(prior)
@@ -238,7 +245,9 @@ def test_save_load_round_trip(tmp_path):
     before = hidden(model, batches[2])
     save_converted(model, tmp_path / "conv", manifest)
     assert (tmp_path / "conv" / "model.safetensors").is_file()
-    assert not list((tmp_path / "conv").glob("*.bin")) and not list((tmp_path / "conv").glob("*.pt"))
+    assert not list((tmp_path / "conv").glob("*.bin")) and not list(
+        (tmp_path / "conv").glob("*.pt")
+    )
     loaded, tok, m2 = load_converted(tmp_path / "conv")
     assert tok is None and m2 == manifest
     assert isinstance(loaded, transformers.BertModel)
@@ -247,7 +256,9 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(hidden(loaded, batches[2]), before, atol=0, rtol=0)
     set_threshold(loaded, 1.0)
     set_threshold(model, 1.0)
-    torch.testing.assert_close(hidden(loaded, batches[2]), hidden(model, batches[2]), atol=0, rtol=0)
+    torch.testing.assert_close(
+        hidden(loaded, batches[2]), hidden(model, batches[2]), atol=0, rtol=0
+    )
 
 
 def test_load_rejects_a_directory_without_manifest(tmp_path):
@@ -269,7 +280,7 @@ def test_unsupported_architecture_names_the_model_class():
 
 
 def test_experts_must_divide_d_ff():
-    with pytest.raises(ValueError, match=r"num_experts=5 does not divide .*d_ff=32"):
+    with pytest.raises(ValueError, match=r"--experts\) = 5 does not divide .*d_ff=32"):
         convert_model(tiny_bert(), ConvertConfig(num_experts=5), random_batches())
 
 
@@ -297,7 +308,17 @@ def test_set_threshold_rejects_out_of_range():
 
 
 def test_cli_bad_arguments_exit_2_naming_the_argument(tmp_path, capsys):
-    rc = main(["convert", "--model", str(tmp_path / "missing"), "--experts", "4", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "convert",
+            "--model",
+            str(tmp_path / "missing"),
+            "--experts",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     assert "--model" in capsys.readouterr().err
     rc = main(["convert", "--model", "minilm", "--experts", "7", "--out", str(tmp_path / "o")])
@@ -312,7 +333,10 @@ def test_calibration_batches_stop_at_the_token_budget():
     class Tok:
         def __call__(self, texts, **kw):
             n = len(texts)
-            return {"input_ids": torch.ones(n, 5, dtype=torch.long), "attention_mask": torch.ones(n, 5)}
+            return {
+                "input_ids": torch.ones(n, 5, dtype=torch.long),
+                "attention_mask": torch.ones(n, 5),
+            }
 
     batches = calibration_batches(Tok(), ["a"] * 100, calib_tokens=30, batch_size=4)
     assert len(batches) == 2  # 20 tokens after one batch, 40 after two
