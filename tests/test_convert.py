@@ -25,6 +25,9 @@ from xmoe.convert import (  # noqa: E402
 from xmoe.convert.ffn import DenseFFN, threshold_routing  # noqa: E402
 
 D, D_FF, LAYERS, VOCAB = 16, 32, 2, 50
+# Large init: FFN pre-activations of order 1, where GELU variants differ (GPT-2's tanh GELU vs
+# the exact one by up to ~1e-3), so an exactness test would catch the wrong activation.
+INIT = 0.3
 
 
 def tiny_bert():
@@ -35,13 +38,20 @@ def tiny_bert():
         num_attention_heads=2,
         intermediate_size=D_FF,
         max_position_embeddings=32,
+        initializer_range=INIT,
     )
     return transformers.BertModel(cfg).eval()
 
 
 def tiny_gpt2():
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=2, n_inner=D_FF, n_positions=32
+        vocab_size=VOCAB,
+        n_embd=D,
+        n_layer=LAYERS,
+        n_head=2,
+        n_inner=D_FF,
+        n_positions=32,
+        initializer_range=INIT,
     )
     return transformers.GPT2Model(cfg).eval()
 
@@ -55,6 +65,7 @@ def tiny_llama():
         num_key_value_heads=2,
         intermediate_size=D_FF,
         max_position_embeddings=32,
+        initializer_range=INIT,
     )
     return transformers.LlamaModel(cfg).eval()
 
@@ -124,6 +135,22 @@ def test_converted_ffn_matches_dense_ffn_module_by_module(name):
     perm = groups.flatten()
     torch.testing.assert_close(back.w1, dense.w1[perm])
     torch.testing.assert_close(back.w2, dense.w2[:, perm])
+
+
+@pytest.mark.parametrize(
+    "name, backend", [("bert", "segment"), ("gpt2", "loop"), ("llama", "segment")]
+)
+def test_hf_activation_is_used_exactly(name, backend):
+    model = MODELS[name]()
+    site = find_ffns(model)[0]
+    dense = site.adapter.extract(site.owner)
+    ffn = ConvertedFFN.from_dense(dense, split_neurons("random", dense, 4), threshold=1.0)
+    assert ffn.experts.resolve_backend(torch.float32) == backend
+    x = 3 * torch.randn(64, D)  # pre-activations well into the nonlinear range
+    torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+    if name == "gpt2":  # the exact GELU would be measurably off: the test can fail
+        exact = DenseFFN(dense.w1, dense.b1, dense.w2, dense.b2, torch.nn.functional.gelu)
+        assert (exact(x) - dense(x)).abs().max() > 1e-4
 
 
 def test_gpt2_conv1d_weights_are_transposed_to_linear_layout():

@@ -84,7 +84,10 @@ class SliceExperts(Experts):
     """:class:`xmoe.Experts` whose activation is any callable (e.g. GPT-2's tanh GELU) and whose
     second-layer bias is left to the caller (it must be added once per token, not per expert).
 
-    ``bias`` controls ``b1`` (and ``b3`` when gated); ``b2`` is always None.
+    ``bias`` controls ``b1`` (and ``b3`` when gated); ``b2`` is always None. When ``act`` is
+    numerically identical to one of xmoe's built-in activations (exact GELU, ReLU, SiLU), the
+    fast built-in backends run it; otherwise ``auto`` uses the ``loop`` backend, which calls
+    ``act`` itself.
     """
 
     def __init__(
@@ -97,11 +100,22 @@ class SliceExperts(Experts):
         bias: bool,
         backend: str = "auto",
     ) -> None:
-        super().__init__(
-            num_experts, d_model, d_expert, "swiglu" if gated else "gelu", bias, backend
-        )
+        native = builtin_activation(act)
+        name = "swiglu" if gated else (native or "gelu")  # "swiglu" makes Experts create w3
+        super().__init__(num_experts, d_model, d_expert, name, bias, backend)
         self.b2 = None
         self.act_fn = act
+        self.native = native is not None and (not gated or native == "silu")
+
+    def resolve_backend(self, dtype: torch.dtype, device: torch.device | None = None) -> str:
+        if self.backend == "auto" and not self.native:
+            return "loop"  # the only backend that calls act_fn
+        if self.backend != "loop" and not self.native:
+            raise ValueError(
+                f"backend={self.backend!r} supports only gelu/relu/silu; this FFN's activation "
+                f"{type(self.act_fn).__name__} needs backend='loop' or 'auto'"
+            )
+        return super().resolve_backend(dtype, device)
 
     def _ffn(self, x: Tensor, expert_idx: Tensor, mm) -> Tensor:
         dtype = x.dtype
@@ -115,6 +129,18 @@ class SliceExperts(Experts):
                 g = g + self.b3.to(dtype).index_select(0, expert_idx)
             h = h * g
         return mm(h, "w2")
+
+
+def builtin_activation(act: Callable[[Tensor], Tensor]) -> str | None:
+    """``"gelu"``, ``"relu"`` or ``"silu"`` when ``act`` equals that function bit for bit on a grid
+    over [-8, 8] (so xmoe's own kernels are exact for it), else None."""
+    x = torch.linspace(-8, 8, 2001)
+    with torch.no_grad():
+        y = act(x)
+        for name, f in (("gelu", F.gelu), ("relu", F.relu), ("silu", F.silu)):
+            if torch.equal(y, f(x)):
+                return name
+    return None
 
 
 def threshold_routing(share: Tensor, threshold: float) -> Routing:
