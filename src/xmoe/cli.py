@@ -14,6 +14,7 @@ USAGE_EXAMPLES = """examples:
   xmoe generate runs/demo --prompt "ROMEO." --max-new-tokens 100
   xmoe routers
   xmoe compare --routers switch,gshard,threshold --steps 400
+  xmoe bench --quick
 """
 
 
@@ -84,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", default="runs/compare", help="output directory (%(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark xmoe's dispatch against dense, loop, capacity and HF experts",
+        description="Interleaved medians of every variant on the same routing and weights; "
+        "writes JSON, a markdown table and a PNG plot. See BENCHMARKS.md.",
+    )
+    b.add_argument("--quick", action="store_true", help="the short suite (a few minutes)")
+    b.add_argument(
+        "--out", default="benchmarks/results", help="output directory (default: %(default)s)"
+    )
+    b.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    b.add_argument(
+        "--comm",
+        action="store_true",
+        help="also measure expert-parallel all-to-all volume/time (2 gloo processes)",
+    )
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     # Subcommands that live with their feature: each module adds parsers whose
     # ``handler`` default is the command function (heavy imports stay inside the handler).
@@ -246,12 +265,45 @@ def _compare(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import shlex
+
+    import torch
+
+    from .bench.suite import run_suite
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    command = "xmoe " + " ".join(shlex.quote(a) for a in args.argv)
+    result = run_suite(args.quick, Path(args.out), not args.no_progress, command)
+    if args.comm:
+        from .bench.comm import run_comm_bench
+
+        result["comm"] = run_comm_bench()
+    print(_ratio_table(result))
+    print("files: " + ", ".join(result["files"]))
+    return 0
+
+
+def _ratio_table(result: dict) -> str:
+    lines = ["ratio (target config: fp32 fwd+bwd, N=4096 d=512 E=64x128)   value   target   met"]
+    for key, value in result["ratios"].items():
+        op, bound = result["targets"].get(key, ("", None))
+        target = f"{op} {bound:g}" if bound is not None else ""
+        met = result["met"].get(key)
+        lines.append(f"  {key:<36} {value:8.3f}   {target:<7}  {'' if met is None else met}")
+    return "\n".join(lines)
+
+
 _COMMANDS = {
     "train": _train,
     "eval": _eval,
     "generate": _generate,
     "routers": _routers,
     "compare": _compare,
+    "bench": _bench,
 }
 
 

@@ -2,7 +2,8 @@
 
     permute:   kept pairs --sort by expert--> contiguous per-expert segments of gathered rows
     [experts]  grouped compute over the segments (experts.py)
-    unpermute: scale rows by their combine weight and index_add them back to their tokens
+    unpermute: scale rows by their combine weight (or let the experts do it, folded into their
+               hidden rows) and index_add them back to their tokens
 
 Keeping the two halves separate leaves the slot where an expert-parallel all-to-all goes.
 """
@@ -85,11 +86,15 @@ def permute(x: Tensor, plan: DispatchPlan) -> Tensor:
     return x.index_select(0, plan.token_idx)
 
 
-def unpermute(y: Tensor, plan: DispatchPlan) -> Tensor:
+def unpermute(y: Tensor, plan: DispatchPlan, weighted: bool = False) -> Tensor:
     """Combine ``y: [A, d]`` back to ``[N, d]``: ``out[t] = sum_pairs weight * y``.
 
-    The combine runs in fp32 (the weights' dtype) whatever the expert compute dtype was.
+    ``weighted=True`` means the rows already carry their combine weight (the experts applied
+    it), so only the sum remains. The sum runs in fp32 (the weights' dtype) whatever the expert
+    compute dtype was.
     """
-    weighted = y.to(plan.weight.dtype) * plan.weight.unsqueeze(-1)
-    out = weighted.new_zeros(plan.num_tokens, y.shape[-1])
-    return out.index_add(0, plan.token_idx, weighted)
+    if not weighted:
+        y = y.to(plan.weight.dtype) * plan.weight.unsqueeze(-1)
+    y = y.to(plan.weight.dtype)
+    out = y.new_zeros(plan.num_tokens, y.shape[-1])
+    return out.index_add(0, plan.token_idx, y)

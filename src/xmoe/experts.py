@@ -98,15 +98,20 @@ class Experts(nn.Module):
             return "grouped_mm"
         return "segment"
 
-    def forward(self, x: Tensor, counts: Tensor, expert_idx: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, counts: Tensor, expert_idx: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
         """Run each expert on its segment.
 
         Args:
             x: ``[A, d_model]`` rows sorted by expert.
             counts: ``[E]`` int64 rows per expert (segments are contiguous, in expert order).
             expert_idx: ``[A]`` int64 expert of each row (used for the biases).
+            weight: optional ``[A]`` combine weight per row; the output rows are scaled by it
+                (the ``segment`` backend folds it into the hidden rows, which is cheaper).
         Returns:
-            ``[A, d_model]`` expert outputs, in the compute dtype (autocast's, if enabled).
+            ``[A, d_model]`` expert outputs, in the compute dtype (autocast's, if enabled), or
+            fp32 when ``weight`` is given and the backend scales after the FFN.
         """
         dtype = compute_dtype(x)
         x = x.to(dtype)
@@ -124,7 +129,14 @@ class Experts(nn.Module):
                 self.b2,
                 self.b3,
                 self.activation,
+                weight,
             )
+        y = self._unweighted(x, counts, expert_idx, dtype, backend)
+        return y if weight is None else y.to(weight.dtype) * weight.unsqueeze(-1)
+
+    def _unweighted(
+        self, x: Tensor, counts: Tensor, expert_idx: Tensor, dtype: torch.dtype, backend: str
+    ) -> Tensor:
         if backend == "grouped_mm":
             if not grouped_mm_supported(dtype, self.d_model, self.d_expert):
                 raise ValueError(

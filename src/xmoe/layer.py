@@ -93,8 +93,8 @@ class MoE(nn.Module):
                 routing, expert_capacity(cf, routing.num_tokens, self.num_experts)
             )
         plan = plan_dispatch(routing)
-        y = self.experts(permute(flat, plan), plan.counts, plan.expert_idx)
-        out = unpermute(y, plan)
+        y = self.experts(permute(flat, plan), plan.counts, plan.expert_idx, plan.weight)
+        out = unpermute(y, plan, weighted=True)
         return out.to(x.dtype).reshape(x.shape), routing
 
     def compute_ratio(self, experts_per_token: float, d_ff: int) -> float:

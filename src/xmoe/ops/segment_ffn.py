@@ -10,6 +10,10 @@ FFN needs and nothing else:
   loop instead builds (or accumulates) a full stacked gradient per expert.
 - Saved for backward: the input rows and the pre-activations (``[A, h]``, twice for GLU); the
   activation output is recomputed rather than stored.
+- Optional per-row combine weights are folded into the hidden rows before the second GEMM
+  (ScatterMoE's trick): ``w * (h @ w2 + b2) = (w * h) @ w2 + w * b2``, which scales ``[A, h]``
+  instead of ``[A, d]``, and their gradient ``<gy @ w2^T, h> (+ <gy, b2>)`` reuses the
+  ``gy @ w2^T`` product the backward needs anyway.
 
 Empty experts cost nothing in the forward and get an exact zero gradient. On CPU this beat both
 ``torch._grouped_mm`` and the autograd loop in the benchmarks (see BENCHMARKS.md); on CUDA
@@ -34,8 +38,9 @@ def segment_ffn(
     b2: Tensor | None,
     b3: Tensor | None,
     activation: str,
+    row_weight: Tensor | None = None,
 ) -> Tensor:
-    """Apply expert ``e``'s FFN to its segment of ``x``.
+    """Apply expert ``e``'s FFN to its segment of ``x`` (times ``row_weight``, if given).
 
     Args:
         x: ``[A, d]`` rows sorted by expert, already in the compute dtype.
@@ -44,11 +49,12 @@ def segment_ffn(
         w1, w3: ``[E, d, h]`` (``w3`` only for ``activation="swiglu"``); w2: ``[E, h, d]``.
         b1, b3: ``[E, h]`` or None; b2: ``[E, d]`` or None.
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"swiglu"``.
+        row_weight: ``[A]`` combine weight of each row (any float dtype, differentiable), or None.
     Returns:
-        ``[A, d]`` in ``x``'s dtype. Parameters may be in another dtype; they are cast to ``x``'s
+        ``[A, d]`` in ``x``'s dtype, each row scaled by its ``row_weight``. Parameters may be in another dtype; they are cast to ``x``'s
         and their gradients come back in their own dtype.
     """
-    return _SegmentFFN.apply(x, sizes, expert_idx, activation, w1, w2, w3, b1, b2, b3)
+    return _SegmentFFN.apply(x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
 
 
 def _segment_mm(a: Tensor, w: Tensor, sizes: list[int], transpose_w: bool = False) -> Tensor:
@@ -99,7 +105,7 @@ def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
 
 class _SegmentFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, sizes, expert_idx, activation, w1, w2, w3, b1, b2, b3):
+    def forward(ctx, x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3):
         dtype = x.dtype
         glu = activation == "swiglu"
         with torch.autocast(x.device.type, enabled=False):
@@ -116,31 +122,43 @@ class _SegmentFFN(torch.autograd.Function):
             else:
                 h3 = None
                 h = _act(h1, activation)
-            y = _segment_mm(h, w2c, sizes)
+            rw = None if row_weight is None else row_weight.to(dtype).unsqueeze(1)
+            y = _segment_mm(h if rw is None else h * rw, w2c, sizes)
+            b2c = None if b2 is None else cast(b2)
             if b2 is not None:
-                y += cast(b2).index_select(0, expert_idx)
-        ctx.save_for_backward(x, expert_idx, h1, h3, w1c, w2c, w3c)
+                rows = b2c.index_select(0, expert_idx)
+                y += rows if rw is None else rows * rw
+        ctx.save_for_backward(x, expert_idx, h1, h3, w1c, w2c, w3c, rw, b2c)
         ctx.sizes, ctx.activation = sizes, activation
         ctx.param_dtypes = [None if t is None else t.dtype for t in (w1, w2, w3, b1, b2, b3)]
+        ctx.row_weight_dtype = None if row_weight is None else row_weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, expert_idx, h1, h3, w1, w2, w3 = ctx.saved_tensors
+        x, expert_idx, h1, h3, w1, w2, w3, rw, b2 = ctx.saved_tensors
         sizes, activation = ctx.sizes, ctx.activation
         E = len(sizes)
-        need = ctx.needs_input_grad  # (x, sizes, expert_idx, activation, w1, w2, w3, b1, b2, b3)
+        # inputs: (x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
+        need = ctx.needs_input_grad
         with torch.autocast(x.device.type, enabled=False):
             gy = gy.to(x.dtype).contiguous()
             glu = activation == "swiglu"
             s1 = F.silu(h1) if glu else None
             h = s1 * h3 if glu else _act(h1, activation)
-            grads = [None] * 10
-            if need[5]:
-                grads[5] = _segment_wgrad(h, gy, sizes)
-            if need[8]:
-                grads[8] = _bias_grad(gy, expert_idx, E)
-            gh = _segment_mm(gy, w2, sizes, transpose_w=True)
+            grads = [None] * 11
+            if need[6]:
+                grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, sizes)
+            if need[9]:
+                grads[9] = _bias_grad(gy if rw is None else gy * rw, expert_idx, E)
+            gh = _segment_mm(gy, w2, sizes, transpose_w=True)  # d loss / d (rw * h)
+            if rw is not None:
+                if need[4]:
+                    g_rw = (gh * h).sum(1)
+                    if b2 is not None:
+                        g_rw += (gy * b2.index_select(0, expert_idx)).sum(1)
+                    grads[4] = g_rw.to(ctx.row_weight_dtype)
+                gh *= rw
             del h
             if glu:
                 g3 = gh * s1
@@ -149,20 +167,20 @@ class _SegmentFFN(torch.autograd.Function):
                 g3 = None
                 g1 = _act_backward(gh, h1, activation)
             del gh
-            if need[4]:
-                grads[4] = _segment_wgrad(x, g1, sizes)
-            if need[7]:
-                grads[7] = _bias_grad(g1, expert_idx, E)
-            if glu and need[6]:
-                grads[6] = _segment_wgrad(x, g3, sizes)
-            if glu and need[9]:
-                grads[9] = _bias_grad(g3, expert_idx, E)
+            if need[5]:
+                grads[5] = _segment_wgrad(x, g1, sizes)
+            if need[8]:
+                grads[8] = _bias_grad(g1, expert_idx, E)
+            if glu and need[7]:
+                grads[7] = _segment_wgrad(x, g3, sizes)
+            if glu and need[10]:
+                grads[10] = _bias_grad(g3, expert_idx, E)
             if need[0]:
                 gx = _segment_mm(g1, w1, sizes, transpose_w=True)
                 if glu:
                     gx += _segment_mm(g3, w3, sizes, transpose_w=True)
                 grads[0] = gx
-        for i, dtype in zip(range(4, 10), ctx.param_dtypes):
+        for i, dtype in zip(range(5, 11), ctx.param_dtypes):
             if grads[i] is not None:
                 grads[i] = grads[i].to(dtype)
         return tuple(grads)

@@ -1,0 +1,125 @@
+"""One benchmark problem: tokens, a routing and one set of expert weights, shared by all variants.
+
+Every variant of :mod:`xmoe.bench.variants` computes the same function on the same problem:
+``out[t] = sum_{(t, e) kept} weight * FFN_e(x[t])`` with SwiGLU experts without biases (the
+layout of HF's Qwen3-MoE / OLMoE experts, so HF's own implementations can run the same weights).
+The router itself is not timed: it is identical for every variant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..experts import Experts
+from ..routing import Routing, make_router
+
+# Router specs: "top2", "t0.5" (threshold router at t = 0.5, default init), or "t0.9@1.5"
+# (threshold router at t = 0.9 with its logits scaled until the mean is 1.5 experts/token).
+DEFAULT_THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    num_tokens: int
+    d_model: int
+    num_experts: int
+    d_expert: int
+    router: str
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return (
+            f"N{self.num_tokens}-d{self.d_model}-E{self.num_experts}x{self.d_expert}-{self.router}"
+        )
+
+
+@dataclass
+class Problem:
+    spec: ProblemSpec
+    x: Tensor  # [N, d] fp32
+    routing: Routing  # kept pairs, fp32 weights (detached: the router is not benchmarked)
+    experts: Experts  # swiglu, no bias
+    topk_idx: Tensor | None  # [N, k] for fixed-k routings (HF's interface), else None
+    topk_weight: Tensor | None
+    router_scale: float  # the factor applied to the router's logits
+
+    @property
+    def experts_per_token(self) -> float:
+        return self.routing.experts_per_token
+
+
+def parse_router(spec: str) -> tuple[str, dict, float | None]:
+    """``"top2"`` → ("topk", {k: 2}, None); ``"t0.7"`` → threshold 0.7; ``"t0.9@1.5"`` → target."""
+    if spec.startswith("top") and spec[3:].isdigit():
+        return "topk", {"k": int(spec[3:])}, None
+    if spec.startswith("t"):
+        body, _, target = spec[1:].partition("@")
+        try:
+            threshold = float(body)
+            target_ept = float(target) if target else None
+        except ValueError:
+            target_ept = threshold = None
+        if threshold is not None and 0 < threshold <= 1 and (target_ept is None or target_ept >= 1):
+            return "threshold", {"threshold": threshold}, target_ept
+    raise ValueError(
+        f"router spec must look like 'top2', 't0.7' or 't0.9@1.5' (threshold in (0, 1], "
+        f"target experts/token >= 1), got {spec!r}"
+    )
+
+
+def build_problem(spec: ProblemSpec, router_scale: float | None = None) -> Problem:
+    """Build the problem deterministically from ``spec.seed``.
+
+    For a target experts/token (``"t0.9@1.5"``) the router's logits are scaled by a factor found
+    by bisection (larger logits → sharper probabilities → fewer experts); pass ``router_scale``
+    to reuse a factor found before.
+    """
+    name, options, target = parse_router(spec.router)
+    gen = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn(spec.num_tokens, spec.d_model, generator=gen)
+    torch.manual_seed(spec.seed)
+    router = make_router(name, spec.d_model, spec.num_experts, **options).eval()
+    experts = Experts(spec.num_experts, spec.d_model, spec.d_expert, "swiglu", bias=False)
+    base_weight = router.weight.detach().clone()
+
+    def route(scale: float) -> Routing:
+        with torch.no_grad():
+            router.weight.copy_(base_weight * scale)
+            return router(x)
+
+    if router_scale is None:
+        router_scale = 1.0 if target is None else _scale_for_target(route, target)
+    routing = route(router_scale)
+    routing = Routing(
+        token_idx=routing.token_idx,
+        expert_idx=routing.expert_idx,
+        weight=routing.weight.detach(),
+        rank=routing.rank,
+        score=routing.score,
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+    )
+    topk_idx = topk_weight = None
+    if name == "topk":
+        k = options["k"]
+        order = torch.argsort(routing.token_idx * k + routing.rank, stable=True)
+        topk_idx = routing.expert_idx[order].view(-1, k)
+        topk_weight = routing.weight[order].view(-1, k)
+    return Problem(spec, x, routing, experts, topk_idx, topk_weight, router_scale)
+
+
+def _scale_for_target(route, target: float, iters: int = 40) -> float:
+    """Bisection on log(scale) for mean experts/token ≈ target (monotone decreasing in scale)."""
+    lo, hi = math.log(1e-3), math.log(1e3)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if route(math.exp(mid)).experts_per_token > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)

@@ -1,0 +1,80 @@
+"""``xmoe bench``: every variant computes the same function; specs and ratios behave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xmoe.bench.problem import ProblemSpec, build_problem, parse_router
+from xmoe.bench.variants import build_variants
+
+SPEC = dict(num_tokens=96, d_model=16, num_experts=8, d_expert=8)
+
+
+def _run(variant, grad):
+    for p in variant.params:
+        p.grad = None
+    out = variant.run()
+    out.backward(grad.to(out.dtype))
+    return out.detach().float(), variant.params[0].grad.float()
+
+
+@pytest.mark.parametrize("router", ["top2", "t0.7", "t0.9@1.5"])
+def test_every_variant_matches_the_loop_in_output_and_input_gradient(router):
+    problem = build_problem(ProblemSpec(router=router, **SPEC))
+    variants = build_variants(problem, torch.float32)
+    grad = torch.randn(SPEC["num_tokens"], SPEC["d_model"])
+    ref_out, ref_gx = _run(variants["loop"], grad)
+    assert ref_out.abs().sum() > 0 and ref_gx.abs().sum() > 0
+    expected = {"loop", "capacity", "dense", "xmoe[segment]", "xmoe[grouped_mm]", "xmoe[loop]"}
+    assert expected <= set(variants)
+    for name, variant in variants.items():
+        if name in ("dense", "capacity"):
+            continue  # other weights (dense) / capacity drops: not the same function
+        out, gx = _run(variant, grad)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_capacity_variant_matches_when_nothing_is_dropped():
+    problem = build_problem(ProblemSpec(router="top2", **SPEC))
+    variants = build_variants(problem, torch.float32, capacity_factor=float(SPEC["num_experts"]))
+    grad = torch.randn(SPEC["num_tokens"], SPEC["d_model"])
+    assert "dropped 0.0%" in variants["capacity"].note
+    ref_out, ref_gx = _run(variants["loop"], grad)
+    out, gx = _run(variants["capacity"], grad)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_experts_run_the_same_weights_when_transformers_is_installed():
+    pytest.importorskip("transformers")
+    problem = build_problem(ProblemSpec(router="top2", **SPEC))
+    variants = build_variants(problem, torch.float32)
+    grad = torch.randn(SPEC["num_tokens"], SPEC["d_model"])
+    ref_out, ref_gx = _run(variants["loop"], grad)
+    for impl in ("hf_grouped_mm", "hf_batched_mm", "hf_eager"):
+        out, gx = _run(variants[impl], grad)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=impl)
+        torch.testing.assert_close(gx, ref_gx, atol=1e-5, rtol=1e-5, msg=impl)
+
+
+def test_hf_variants_are_skipped_for_variable_k_routing():
+    problem = build_problem(ProblemSpec(router="t0.7", **SPEC))
+    assert not any(n.startswith("hf_") for n in build_variants(problem, torch.float32))
+
+
+def test_dense_variant_has_the_equal_flop_width():
+    problem = build_problem(ProblemSpec(router="t0.9@1.5", **SPEC))
+    dense = build_variants(problem, torch.float32, names=["dense"])["dense"]
+    width = round(problem.experts_per_token * SPEC["d_expert"])
+    assert dense.note == f"width {width}"
+    assert abs(problem.experts_per_token - 1.5) < 0.1
+
+
+@pytest.mark.parametrize("bad", ["top", "topx", "t0", "t1.5", "t0.9@0.5", "x", "t0.9@abc"])
+def test_bad_router_spec_names_the_accepted_forms(bad):
+    with pytest.raises(ValueError, match="router spec"):
+        parse_router(bad)
