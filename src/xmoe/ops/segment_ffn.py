@@ -51,7 +51,8 @@ def segment_ffn(
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"swiglu"``.
         row_weight: ``[A]`` combine weight of each row (any float dtype, differentiable), or None.
     Returns:
-        ``[A, d]`` in ``x``'s dtype, each row scaled by its ``row_weight``. Parameters may be in another dtype; they are cast to ``x``'s
+        ``[A, d]`` in ``x``'s dtype, each row scaled by its ``row_weight``. Parameters
+        may be in another dtype; they are cast to ``x``'s
         and their gradients come back in their own dtype.
     """
     return _SegmentFFN.apply(x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
