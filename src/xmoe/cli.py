@@ -11,6 +11,8 @@ USAGE_EXAMPLES = """examples:
   xmoe train --config configs/demo.yaml --run-dir runs/demo
   xmoe train --run-dir runs/demo --resume --set train.steps=2000
   xmoe eval runs/demo
+  xmoe eval runs/dense_t1 --threshold 0.5
+  xmoe eval runs/dense_t1 --sweep-threshold 1.0,0.9,0.8,0.7,0.5,0.3
   xmoe generate runs/demo --prompt "ROMEO." --max-new-tokens 100
   xmoe routers
   xmoe compare --routers switch,gshard,threshold --steps 400
@@ -57,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a model config key at eval time (e.g. the router threshold)",
     )
+    e.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="run the threshold router at this t in (0, 1] instead of the trained one",
+    )
+    e.add_argument(
+        "--sweep-threshold",
+        metavar="T1,T2,...",
+        help="evaluate at each threshold (both renormalize settings); write a table and a plot",
+    )
+    e.add_argument(
+        "--renormalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --threshold: rescale the kept probabilities to sum to 1 "
+        "(default: on, the better of the two in docs/dense-to-sparse.md)",
+    )
+    e.add_argument("--out", help="sweep output directory (default: RUN_DIR/sweep)")
 
     g = sub.add_parser("generate", help="sample text from a run's checkpoint")
     g.add_argument("run_dir")
@@ -189,16 +210,75 @@ def _load_run(run_dir: Path, overrides: list[str]):
 
 
 def _eval(args) -> int:
-    from .train import evaluate
+    from .sweep import DEFAULT_RENORMALIZE, check_threshold, parse_thresholds
 
     run_dir = Path(args.run_dir)
-    cfg, model, data = _load_run(run_dir, args.overrides)
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    result = evaluate(model, data, args.batch_size or cfg.train.eval_batch_size, args.max_tokens)
+    if args.threshold is not None and args.sweep_threshold:
+        raise ValueError("use either --threshold or --sweep-threshold, not both")
+    if args.sweep_threshold:
+        return _sweep(args, run_dir, parse_thresholds(args.sweep_threshold))
+    overrides = list(args.overrides)
+    if args.threshold is not None:
+        check_threshold("--threshold", args.threshold)
+        renorm = DEFAULT_RENORMALIZE if args.renormalize is None else args.renormalize
+        overrides += _threshold_overrides(run_dir, args.threshold, renorm)
+    elif args.renormalize is not None:
+        raise ValueError("--renormalize/--no-renormalize only apply with --threshold")
+    result = _evaluate_run(run_dir, overrides, args)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _threshold_overrides(run_dir: Path, threshold: float, renormalize: bool) -> list[str]:
+    from .config import load_config
+    from .sweep import threshold_overrides
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ValueError(f"run dir {str(run_dir)!r} has no config.yaml (not an xmoe run?)")
+    return threshold_overrides(load_config(cfg_path).model.moe.router, threshold, renormalize)
+
+
+def _evaluate_run(run_dir: Path, overrides: list[str], args) -> dict:
+    from .train import evaluate
+
+    cfg, model, data = _load_run(run_dir, overrides)
+    return evaluate(model, data, args.batch_size or cfg.train.eval_batch_size, args.max_tokens)
+
+
+def _sweep(args, run_dir: Path, thresholds: list[float]) -> int:
+    from tqdm import tqdm
+
+    from .sweep import markdown_table, write_sweep
+
+    settings = [(t, r) for r in (False, True) for t in thresholds]
+    if args.renormalize is not None:
+        settings = [(t, r) for t, r in settings if r == args.renormalize]
+    rows = []
+    for t, renorm in tqdm(settings, desc="sweep", unit="eval"):
+        overrides = [*args.overrides, *_threshold_overrides(run_dir, t, renorm)]
+        result = _evaluate_run(run_dir, overrides, args)
+        ept = result["val_experts_per_token"]
+        rows.append(
+            dict(
+                threshold=t,
+                renormalize=renorm,
+                val_ppl=result["val_ppl"],
+                val_loss=result["val_loss"],
+                experts_per_token=sum(ept) / len(ept),
+                experts_per_token_per_layer=ept,
+                moe_compute_ratio=result["val_moe_compute_ratio"],
+                val_tokens=result["val_tokens"],
+            )
+        )
+    title = f"threshold sweep of {run_dir}"
+    files = write_sweep(rows, Path(args.out) if args.out else run_dir / "sweep", title)
+    print(markdown_table(rows, title))
+    print("files: " + ", ".join(map(str, files)))
     return 0
 
 

@@ -30,6 +30,8 @@ from .problem import Problem
 
 XMOE_BACKENDS = ("segment", "grouped_mm", "loop")
 HF_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+# hf_batched_mm is skipped above this much gathered weight (the target config would need 6 GiB).
+BATCHED_MM_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -168,6 +170,11 @@ def _hf(problem: Problem, x, w1, w2, w3, impl: str):
     except ImportError:
         return None
     spec = problem.spec
+    if impl == "batched_mm":
+        # batched_mm gathers a weight copy per pair: S * 3 * d * h elements.
+        gathered = problem.routing.num_pairs * 3 * spec.d_model * spec.d_expert * x.element_size()
+        if gathered > BATCHED_MM_MAX_BYTES:
+            return None
     cfg = Qwen3MoeConfig(
         hidden_size=spec.d_model,
         moe_intermediate_size=spec.d_expert,

@@ -1,0 +1,117 @@
+"""Inference-time threshold: evaluate a trained run at other thresholds (``xmoe eval``).
+
+A model trained with the threshold router at t = 1 runs every expert with weight p_e, i.e. it is
+dense-equivalent. Lowering t at inference keeps only the smallest set of experts whose
+probabilities reach t, so compute falls with t; this module measures what that costs in
+perplexity. The threshold is a runtime option (a config override), never baked into the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+THRESHOLD_ROUTERS = ("threshold",)
+# Measured on the t = 1 demo-sized run (docs/dense-to-sparse.md, part A): renormalising the
+# kept probabilities to sum to 1 gave the lower perplexity at every t < 1 tried.
+DEFAULT_RENORMALIZE = True
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """``"1.0,0.9,0.5"`` → ``[1.0, 0.9, 0.5]``, each in (0, 1]."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            t = float(part)
+        except ValueError:
+            raise ValueError(f"--sweep-threshold: {part!r} is not a number") from None
+        check_threshold("--sweep-threshold", t)
+        values.append(t)
+    if not values:
+        raise ValueError("--sweep-threshold needs at least one threshold, e.g. 1.0,0.9,0.5")
+    return values
+
+
+def check_threshold(name: str, t: float) -> None:
+    if not (math.isfinite(t) and 0 < t <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {t}")
+
+
+def threshold_overrides(router: str, threshold: float, renormalize: bool) -> list[str]:
+    """The config overrides that run a threshold-router model at ``threshold``."""
+    if router not in THRESHOLD_ROUTERS:
+        raise ValueError(
+            f"--threshold/--sweep-threshold need a run trained with the threshold router; "
+            f"this run uses model.moe.router={router!r}"
+        )
+    return [
+        f"model.moe.router_options.threshold={threshold}",
+        f"model.moe.router_options.renormalize={str(renormalize).lower()}",
+    ]
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| t | renormalize | val ppl | experts/token | moe_compute_ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['threshold']:g} | {r['renormalize']} | {r['val_ppl']:.2f} | "
+            f"{r['experts_per_token']:.2f} | {r['moe_compute_ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
+    """Write ``sweep.json``, ``sweep.md`` and (with matplotlib) ``sweep.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, text in (
+        ("sweep.json", json.dumps(rows, indent=1)),
+        ("sweep.md", markdown_table(rows, title)),
+    ):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+        files.append(out_dir / name)
+    png = plot_sweep(rows, out_dir / "sweep.png", title)
+    return files + ([png] if png else [])
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for renorm in sorted({r["renormalize"] for r in rows}):
+        pts = sorted(
+            (r["moe_compute_ratio"], r["val_ppl"], r["threshold"])
+            for r in rows
+            if r["renormalize"] == renorm
+        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"renormalize={renorm}")
+        for x, y, t in pts:
+            ax.annotate(f"t={t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("moe_compute_ratio (expert FLOPs / dense FFN FLOPs)")
+    ax.set_ylabel("val perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
