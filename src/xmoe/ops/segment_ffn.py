@@ -58,15 +58,28 @@ def segment_ffn(
     return _SegmentFFN.apply(x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
 
 
-def _segment_mm(a: Tensor, w: Tensor, sizes: list[int], transpose_w: bool = False) -> Tensor:
-    """``out[seg_e] = a[seg_e] @ w[e]`` (or ``@ w[e].T``), one GEMM per non-empty segment."""
+def _segment_mm(
+    a: Tensor,
+    w: Tensor,
+    sizes: list[int],
+    transpose_w: bool = False,
+    accumulate: Tensor | None = None,
+) -> Tensor:
+    """``out[seg_e] = a[seg_e] @ w[e]`` (or ``@ w[e].T``), one GEMM per non-empty segment.
+
+    With ``accumulate``, adds the products into that tensor in place (``addmm``) and returns it.
+    """
     cols = w.shape[1] if transpose_w else w.shape[2]
-    out = a.new_empty(a.shape[0], cols)
+    out = a.new_empty(a.shape[0], cols) if accumulate is None else accumulate
     start = 0
     for e, n in enumerate(sizes):
         if n:
             we = w[e].t() if transpose_w else w[e]
-            torch.mm(a[start : start + n], we, out=out[start : start + n])
+            seg = out[start : start + n]
+            if accumulate is None:
+                torch.mm(a[start : start + n], we, out=seg)
+            else:
+                torch.addmm(seg, a[start : start + n], we, out=seg)
             start += n
     return out
 
@@ -179,7 +192,7 @@ class _SegmentFFN(torch.autograd.Function):
             if need[0]:
                 gx = _segment_mm(g1, w1, sizes, transpose_w=True)
                 if glu:
-                    gx += _segment_mm(g3, w3, sizes, transpose_w=True)
+                    _segment_mm(g3, w3, sizes, transpose_w=True, accumulate=gx)
                 grads[0] = gx
         for i, dtype in zip(range(5, 11), ctx.param_dtypes):
             if grads[i] is not None:
