@@ -43,10 +43,24 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Multi-process layout (``torchrun --nproc_per_node W``; docs/distributed.md).
+
+    The world size W comes from torchrun; every rank reads ``train.batch_size / W`` sequences of
+    each global batch. Non-expert parameters are data-parallel over all W ranks.
+    """
+
+    # P: ranks that share one copy of the experts, each holding num_experts / P of them
+    # (1 = every rank holds all experts: pure data parallelism). Must divide W and num_experts.
+    expert_parallel: int = 1
+
+
+@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -65,10 +79,30 @@ class RunConfig:
             raise ValueError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        self.validate_parallel()
         if self.data.vocab_size != self.model.vocab_size:
             raise ValueError(
                 f"data.vocab_size ({self.data.vocab_size}) must equal model.vocab_size "
                 f"({self.model.vocab_size})"
+            )
+
+    def validate_parallel(self) -> None:
+        """The checks of ``parallel`` that need no process group (world size: at launch)."""
+        p = self.parallel.expert_parallel
+        if not (isinstance(p, int) and not isinstance(p, bool) and p >= 1):
+            raise ValueError(f"parallel.expert_parallel must be an integer >= 1, got {p!r}")
+        if p == 1 or self.model.moe_every == 0:
+            return
+        e = self.model.moe.num_experts
+        if e % p:
+            raise ValueError(
+                f"model.moe.num_experts={e} is not divisible by parallel.expert_parallel={p}: "
+                "each rank must hold the same number of experts"
+            )
+        if self.model.moe.evo:
+            raise ValueError(
+                "model.moe.evo (EvoMoE: one expert per layer until diversify_step) does not "
+                f"support parallel.expert_parallel={p}; use expert_parallel=1 (data parallel)"
             )
 
     def to_dict(self) -> dict:

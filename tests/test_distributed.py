@@ -1,0 +1,384 @@
+"""Expert parallelism + data parallelism on torch.distributed, with 2 gloo processes on CPU.
+
+Two spawns for the whole file (a spawn costs a few seconds of imports): one runs every layer
+check, one every training / checkpoint check. The workers write their measurements to JSON and
+the tests below assert on them, so each behaviour is its own test.
+
+Each layer check builds the single-process MoE from one seed on both ranks, runs it on the
+full input (the reference), then shards it 2 ways and feeds each rank its half of the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from xmoe import MoE
+from xmoe.config import load_config
+from xmoe.data import shakespeare_documents
+from xmoe.distributed import (
+    ExpertParallelMoE,
+    check_expert_parallel,
+    make_context,
+    use_global_router_stats,
+)
+from xmoe.train import train
+
+pytestmark = pytest.mark.dist
+
+WORLD = 2
+D, H, E = 16, 8, 4
+TOL = 1e-5  # fp32: only summation order differs from the single-process layer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args) -> None:
+    """Run ``fn(rank, port, *args)`` in WORLD processes. Forked (where available) from this
+    process, whose torch / xmoe imports they inherit: a fresh interpreter pays ~5 s of imports
+    per process. The workers use one intra-op thread and no process group exists here."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, join=True, start_method=method)
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Layer: 2-rank EP output and gradients == single-process layer
+# --------------------------------------------------------------------------------------------
+
+LAYER_CASES = {
+    # name: (router options, tokens on rank 0, tokens on rank 1, routing on local tokens only)
+    "topk": ({"router": "topk", "k": 2}, 10, 10, False),
+    "threshold": ({"router": "threshold", "threshold": 0.8}, 10, 10, False),
+    # Expert Choice ranks tokens within a batch, so its reference is per rank's tokens.
+    "expert_choice": ({"router": "expert_choice", "expert_capacity": 0.5}, 10, 10, True),
+    # every token picks experts 0 and 1: rank 1 (experts 2, 3) receives no rows at all
+    "rank_receives_nothing": ({"router": "topk", "k": 2}, 10, 10, False),
+    # rank 1 has no tokens of its own (it still serves rank 0's rows)
+    "rank_sends_nothing": ({"router": "threshold", "threshold": 0.8}, 12, 0, False),
+}
+
+
+def _layer_worker(rank: int, port: int, out_dir: str) -> None:
+    _init(rank, port)
+    results = {}
+    for name, (opts, n0, n1, local_ref) in LAYER_CASES.items():
+        results[name] = _layer_case(rank, name, dict(opts), n0, n1, local_ref)
+    try:
+        ExpertParallelMoE.from_moe(MoE(D, 3, H, router="topk", k=1))
+        results["indivisible_error"] = ""
+    except ValueError as exc:
+        results["indivisible_error"] = str(exc)
+    Path(out_dir, f"layer{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _layer_case(rank, name, opts, n0, n1, local_ref) -> dict:
+    torch.manual_seed(0)
+    router = opts.pop("router")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # expert_choice's causal-leak warning
+        moe = MoE(D, E, H, router=router, backend="loop", init_std=0.5, **opts)
+    x = torch.randn(n0 + n1, D)
+    if name == "rank_receives_nothing":
+        x[:, 0] = x[:, 0].abs() + 5.0
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            moe.router.weight[:, 0] = torch.tensor([1.0, 0.5, -1.0, -1.0])
+    g = torch.randn(n0 + n1, D, generator=torch.Generator().manual_seed(1))
+    has_lb = router != "expert_choice"
+    bounds = [(0, n0), (n0, n0 + n1)]
+    chunks = bounds if local_ref else [(0, n0 + n1)]
+
+    # Reference: the single-process layer (on every chunk), objective (y*g).sum() + load_balance
+    x_ref = x.clone().requires_grad_()
+    ys, lb_ref = [], None
+    for lo, hi in chunks:
+        y, routing = moe.forward_with_routing(x_ref[lo:hi])
+        ys.append(y)
+        if has_lb:
+            lb_ref = routing.losses["load_balance"]
+    y_ref = torch.cat(ys)
+    objective = (y_ref * g).sum() + (lb_ref if has_lb else 0.0)
+    params = dict(moe.named_parameters())
+    *grads, x_grad_ref = torch.autograd.grad(objective, [*params.values(), x_ref])
+    grads_ref = dict(zip(params, grads, strict=True))
+
+    # Expert parallel: this rank's tokens, this rank's experts, global load balance.
+    ep = ExpertParallelMoE.from_moe(moe)
+    use_global_router_stats(ep.router)
+    lo, hi = bounds[rank]
+    x_local = x[lo:hi].clone().requires_grad_()
+    y, routing = ep.forward_with_routing(x_local)
+    local_obj = (y * g[lo:hi]).sum()
+    if has_lb:  # every rank holds the global value; its gradient is all-reduced in backward
+        local_obj = local_obj + routing.losses["load_balance"] / WORLD
+    local_obj.backward()
+    out = {
+        "y": (y - y_ref[lo:hi]).abs().max().item() if hi > lo else 0.0,
+        "x_grad": (x_local.grad - x_grad_ref[lo:hi]).abs().max().item() if hi > lo else 0.0,
+        "rows_received": _rows_received(ep, routing),
+        "experts_per_token": torch.bincount(routing.token_idx, minlength=hi - lo).tolist(),
+    }
+    if has_lb:
+        out["load_balance"] = abs(routing.losses["load_balance"].item() - lb_ref.item())
+    for pname, p in ep.named_parameters():
+        grad = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        if pname.startswith("router."):  # replicated: the sum over ranks is the full gradient
+            dist.all_reduce(grad)
+            want = grads_ref[pname]
+        else:  # expert slice
+            start = ep.expert_offset
+            want = grads_ref[pname][start : start + ep.num_local_experts]
+        out[f"grad.{pname}"] = (grad - want).abs().max().item()
+        out[f"gradnorm.{pname}"] = want.abs().max().item()
+    return out
+
+
+def _rows_received(ep: ExpertParallelMoE, routing) -> int:
+    """Rows this rank's experts computed, from the global routing counts."""
+    counts = routing.expert_counts.clone()
+    dist.all_reduce(counts)
+    start = ep.expert_offset
+    return int(counts[start : start + ep.num_local_experts].sum())
+
+
+@pytest.fixture(scope="module")
+def layer_results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("layer")
+    _spawn(_layer_worker, str(out))
+    return [json.loads((out / f"layer{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _assert_case_matches(results, case: str) -> None:
+    for rank, res in enumerate(results):
+        r = res[case]
+        for key, value in r.items():
+            if key in ("y", "x_grad", "load_balance") or key.startswith("grad."):
+                assert value <= TOL, f"{case} rank {rank}: {key} differs by {value}"
+
+
+@pytest.mark.parametrize("case", ["topk", "threshold", "expert_choice"])
+def test_ep_layer_matches_single_process_outputs_and_gradients(layer_results, case):
+    _assert_case_matches(layer_results, case)
+    # the gradients compared are not trivially zero
+    assert layer_results[0][case]["gradnorm.experts.w1"] > 1e-3
+    assert layer_results[1][case]["gradnorm.router.weight"] > 1e-3
+
+
+def test_threshold_and_expert_choice_cases_have_variable_experts_per_token(layer_results):
+    for case in ("threshold", "expert_choice"):
+        counts = layer_results[0][case]["experts_per_token"]
+        assert min(counts) < max(counts), (case, counts)
+    # quota ceil(0.5 * 10 / 4) = 2 tokens per expert: 8 pairs for 10 tokens, some get none
+    assert 0 in layer_results[0]["expert_choice"]["experts_per_token"]
+
+
+def test_ep_layer_with_a_rank_that_receives_no_rows(layer_results):
+    assert layer_results[1]["rank_receives_nothing"]["rows_received"] == 0
+    assert layer_results[0]["rank_receives_nothing"]["rows_received"] == 40
+    _assert_case_matches(layer_results, "rank_receives_nothing")
+
+
+def test_ep_layer_with_a_rank_that_has_no_tokens(layer_results):
+    assert layer_results[1]["rank_sends_nothing"]["rows_received"] > 0
+    _assert_case_matches(layer_results, "rank_sends_nothing")
+
+
+def test_ep_layer_rejects_experts_not_divisible_by_ranks(layer_results):
+    assert "not divisible" in layer_results[0]["indivisible_error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration errors (no processes needed)
+# --------------------------------------------------------------------------------------------
+
+TINY = [
+    "model.vocab_size=300",
+    "data.vocab_size=300",
+    "model.block_size=16",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=16",
+    "model.d_ff=32",
+    "model.moe.num_experts=4",
+    "model.moe.d_expert=8",
+    "model.moe.router=topk",
+    "model.moe.router_options={k: 2}",
+    "train.batch_size=8",
+    "train.eval_batch_size=8",
+    "train.eval_tokens=128",
+    "train.eval_every=1000",
+    "train.warmup_steps=2",
+    "train.min_lr_ratio=1.0",  # constant lr after warmup: a resumed run equals a straight one
+    "train.log_every=1",
+    "train.checkpoint_every=0",
+]
+
+
+def test_experts_not_divisible_by_expert_parallel_is_a_config_error():
+    with pytest.raises(ValueError, match="num_experts=4 is not divisible by parallel.expert_par"):
+        load_config(None, [*TINY, "parallel.expert_parallel=3"])
+
+
+def test_expert_parallel_larger_than_world_size_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="larger than the world size 1"):
+        check_expert_parallel(2, 1, 4)
+    cfg = load_config(None, [*TINY, "parallel.expert_parallel=2"])
+    with pytest.raises(ValueError, match="expert_parallel=2 is larger than the world size 1"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # failed before touching the run dir
+
+
+def test_bad_expert_parallel_values_are_config_errors():
+    with pytest.raises(ValueError, match="integer >= 1"):
+        load_config(None, [*TINY, "parallel.expert_parallel=0"])
+    with pytest.raises(ValueError, match="must divide the world size"):
+        check_expert_parallel(2, 3, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Training: loss curves and checkpoints across world sizes
+# --------------------------------------------------------------------------------------------
+
+STEPS, HALF = 6, 3
+
+
+def _sets(root: Path, steps: int) -> list[str]:
+    return [*TINY, f"data.path={root / 'corpus.txt'}", f"train.steps={steps}"]
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["split"] == "train"]
+
+
+def _train_worker(rank: int, port: int, root: str) -> None:
+    _init(rank, port)
+    root = Path(root)
+    ctx = make_context(2)
+
+    def cfg(steps: int, p: int):
+        return load_config(None, [*_sets(root, steps), f"parallel.expert_parallel={p}"])
+
+    # EP=2, 6 steps: compared with the single-process 6-step run.
+    train(cfg(STEPS, 2), root / "ep2", overwrite=True, progress=False, parallel=ctx)
+    # EP=2, 3 steps: the parent resumes it with one process (P=2 -> P=1).
+    train(cfg(HALF, 2), root / "ep2_half", overwrite=True, progress=False, parallel=ctx)
+    # Resume the single-process 3-step run with EP=2 (P=1 -> P=2).
+    train(cfg(STEPS, 2), root / "single_half", resume=True, progress=False, parallel=ctx)
+    # Pure data parallelism (2 ranks, every rank holds all experts), 3 steps.
+    dp = make_context(1)
+    train(cfg(HALF, 1), root / "dp2", overwrite=True, progress=False, parallel=dp)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before conftest's one-thread fixture
+    try:
+        return _make_runs(tmp_path_factory.mktemp("runs"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_runs(root: Path) -> Path:
+    """Single-process runs here, 2-rank runs in the workers, then a 1-process resume."""
+    (root / "corpus.txt").write_text(shakespeare_documents()[5].text[:20_000])
+    train(load_config(None, _sets(root, STEPS)), root / "single", progress=False)
+    shutil.copytree(root / "single" / "data", root / "single_half" / "data")
+    train(
+        load_config(None, _sets(root, HALF)), root / "single_half", progress=False, overwrite=True
+    )
+    # Share the tokenizer / token cache (overwrite=True keeps a run dir's data/).
+    for name in ("ep2", "ep2_half", "dp2"):
+        shutil.copytree(root / "single" / "data", root / name / "data")
+    _spawn(_train_worker, str(root))
+    resumed = load_config(root / "ep2_half" / "config.yaml", ["parallel.expert_parallel=1"])
+    resumed.train.steps = STEPS
+    train(resumed, root / "ep2_half", resume=True, progress=False)
+    return root
+
+
+# Loss tolerance. Both runs see the same global batch and identical initial weights; they differ
+# only in fp32 summation order (batch split in 2, gradient all-reduce, norms of sharded experts),
+# ~1e-7 relative per step, which AdamW (update ~ lr * sign-like for small moments) can amplify
+# to ~1e-5 in the loss over a few steps. A real layout bug (a gradient not averaged, a
+# local instead of global load-balance loss, a wrong data shard) moves the loss by > 1e-3.
+LOSS_TOL = 1e-4
+
+
+def test_two_rank_expert_parallel_training_matches_single_process_loss_curve(runs):
+    single, ep = _losses(runs / "single"), _losses(runs / "ep2")
+    assert len(single) == len(ep) == STEPS
+    assert max(abs(a - b) for a, b in zip(single, ep, strict=True)) < LOSS_TOL, (single, ep)
+    assert single[-1] < single[0]  # it trains
+    s = json.loads((runs / "ep2" / "summary.json").read_text())
+    t = json.loads((runs / "single" / "summary.json").read_text())
+    assert s["parallel"] == {"world_size": 2, "expert_parallel": 2, "data_parallel": 1}
+    assert s["params"] == t["params"]  # the whole model, not rank 0's shard
+    assert abs(s["val_loss"] - t["val_loss"]) < LOSS_TOL
+
+
+def test_two_rank_data_parallel_training_matches_single_process_loss_curve(runs):
+    single, dp = _losses(runs / "single")[:HALF], _losses(runs / "dp2")
+    assert max(abs(a - b) for a, b in zip(single, dp, strict=True)) < LOSS_TOL, (single, dp)
+
+
+def test_expert_parallel_checkpoint_is_the_single_process_checkpoint(runs):
+    from safetensors.torch import load_file
+
+    ep = load_file(str(runs / "ep2" / "checkpoint" / "model.safetensors"))
+    single = load_file(str(runs / "single" / "checkpoint" / "model.safetensors"))
+    assert ep.keys() == single.keys()
+    for k in single:
+        assert ep[k].shape == single[k].shape, k
+        torch.testing.assert_close(ep[k], single[k], atol=1e-3, rtol=0, msg=k)
+    opt_ep = load_file(str(runs / "ep2" / "checkpoint" / "optimizer.safetensors"))
+    opt_single = load_file(str(runs / "single" / "checkpoint" / "optimizer.safetensors"))
+    assert {k: v.shape for k, v in opt_ep.items()} == {k: v.shape for k, v in opt_single.items()}
+
+
+def test_checkpoint_saved_with_two_ranks_resumes_with_one(runs):
+    single, resumed = _losses(runs / "single"), _losses(runs / "ep2_half")
+    assert len(resumed) == STEPS
+    assert max(abs(a - b) for a, b in zip(single, resumed, strict=True)) < LOSS_TOL
+
+
+def test_checkpoint_saved_with_one_rank_resumes_with_two(runs):
+    single, resumed = _losses(runs / "single"), _losses(runs / "single_half")
+    assert len(resumed) == STEPS
+    assert max(abs(a - b) for a, b in zip(single, resumed, strict=True)) < LOSS_TOL
+    cfg = json.loads((runs / "single_half" / "summary.json").read_text())
+    assert cfg["parallel"]["expert_parallel"] == 2
+
+
+def test_single_process_training_needs_no_process_group(runs):
+    assert os.environ.get("WORLD_SIZE", "1") == "1"
+    assert not dist.is_initialized()  # the parent trained 3 runs without one
+    assert "parallel" not in json.loads((runs / "single" / "summary.json").read_text())
