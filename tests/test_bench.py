@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -76,3 +78,32 @@ def test_dense_variant_has_the_equal_flop_width():
 def test_bad_router_spec_names_the_accepted_forms(bad):
     with pytest.raises(ValueError, match="router spec"):
         parse_router(bad)
+
+
+def test_suite_writes_json_with_medians_and_the_headline_ratios(tmp_path):
+    from xmoe.bench.suite import TARGETS, Job, run_suite
+
+    top2 = ProblemSpec(router="top2", **SPEC)
+    thr = ProblemSpec(router="t0.9@1.5", **SPEC)
+    jobs = [Job(top2, reps=2), Job(thr, reps=2, variants=("dense", "xmoe[segment]", "capacity"))]
+    result = run_suite(
+        True,
+        tmp_path,
+        progress=False,
+        command="test",
+        jobs=jobs,
+        memory_probes=[(top2, "xmoe[segment]")],
+        target=(top2, thr),
+    )
+    data = json.loads(next(tmp_path.glob("bench-quick-*.json")).read_text())
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["threads"] >= 1
+    assert set(TARGETS) <= set(data["ratios"])
+    assert all(v > 0 for v in data["ratios"].values())
+    assert data["met"].keys() == TARGETS.keys()
+    keys = {(r["variant"], r["config"], r["dtype"], r["pass_"]) for r in data["results"]}
+    assert ("xmoe[segment]", top2.key, "fp32", "fwd+bwd") in keys
+    assert ("loop", top2.key, "fp32", "fwd") in keys
+    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in data["results"])
+    assert data["memory"][0]["peak_mib"] >= 0
+    assert "threshold_vs_top2" in next(tmp_path.glob("*.md")).read_text()
+    assert result["files"][0].endswith(".json")

@@ -144,9 +144,25 @@ def _n_runs(job: Job) -> int:
     return len(job.dtypes) * len(job.passes) * (job.warmup + job.reps) * n_variants
 
 
-def run_suite(quick: bool, out_dir: Path, progress: bool = True, command: str = "") -> dict:
-    """Run the suite, write ``bench-<quick|full>-<stamp>.json`` (+ ``.md``, ``.png``)."""
-    jobs, memory_probes = plan(quick)
+def run_suite(
+    quick: bool,
+    out_dir: Path,
+    progress: bool = True,
+    command: str = "",
+    *,
+    jobs: list[Job] | None = None,
+    memory_probes: list[tuple[ProblemSpec, str]] | None = None,
+    target: tuple[ProblemSpec, ProblemSpec] = (TARGET_TOP2, TARGET_THRESHOLD),
+) -> dict:
+    """Run the suite, write ``bench-<quick|full>-<stamp>.json`` (+ ``.md``, ``.png``).
+
+    ``jobs``, ``memory_probes`` and ``target`` (the top-2 and threshold specs the headline ratios
+    compare) default to the quick or full plan; tests pass tiny ones.
+    """
+    if jobs is None:
+        jobs, planned_memory = plan(quick)
+        memory_probes = planned_memory if memory_probes is None else memory_probes
+    memory_probes = memory_probes or []
     started = time.time()
     rows: list[dict] = []
     scales: dict[ProblemSpec, float] = {}
@@ -168,7 +184,7 @@ def run_suite(quick: bool, out_dir: Path, progress: bool = True, command: str = 
             )
     result = dict(
         meta=_meta(quick, command, time.time() - started),
-        ratios=target_ratios(rows),
+        ratios=target_ratios(rows, *target),
         targets=TARGETS,
         results=rows,
         memory=memory,
@@ -199,27 +215,29 @@ def _median(rows, variant, spec: ProblemSpec, dtype="fp32", pass_="fwd+bwd") -> 
     return None
 
 
-def target_ratios(rows: list[dict]) -> dict:
+def target_ratios(
+    rows: list[dict], top2: ProblemSpec = TARGET_TOP2, threshold: ProblemSpec = TARGET_THRESHOLD
+) -> dict:
     """The issue's ratios for the target config (fp32, fwd+bwd). Speed ratios: >1 = xmoe faster."""
-    xmoe = _median(rows, XMOE, TARGET_TOP2)
+    xmoe = _median(rows, XMOE, top2)
     out = {}
     for key, ref in (("dense", "dense"), ("loop", "loop"), ("hf_grouped_mm", "hf_grouped_mm")):
-        t = _median(rows, ref, TARGET_TOP2)
+        t = _median(rows, ref, top2)
         if xmoe and t:
             out[f"xmoe_vs_{key}"] = t / xmoe
-    thr = _median(rows, XMOE, TARGET_THRESHOLD)
+    thr = _median(rows, XMOE, threshold)
     if xmoe and thr:
         out["threshold_vs_top2"] = thr / xmoe  # a time ratio: < 1 = the threshold layer is cheaper
-    cap_top2 = _median(rows, "capacity", TARGET_TOP2)
-    cap_thr = _median(rows, "capacity", TARGET_THRESHOLD)
+    cap_top2 = _median(rows, "capacity", top2)
+    cap_thr = _median(rows, "capacity", threshold)
     if cap_top2 and cap_thr:
         out["capacity_threshold_vs_top2"] = cap_thr / cap_top2
     for dtype in ("bf16",):
         for pass_ in PASSES:
-            x, d = (_median(rows, v, TARGET_TOP2, dtype, pass_) for v in (XMOE, "dense"))
+            x, d = (_median(rows, v, top2, dtype, pass_) for v in (XMOE, "dense"))
             if x and d:
                 out[f"{dtype}_{pass_}_xmoe_vs_dense"] = d / x
-            x32 = _median(rows, XMOE, TARGET_TOP2, "fp32", pass_)
+            x32 = _median(rows, XMOE, top2, "fp32", pass_)
             if x and x32:
                 out[f"{dtype}_{pass_}_xmoe_speed_vs_fp32"] = x32 / x
     return out
@@ -332,7 +350,8 @@ def plot(result: dict, path: Path) -> Path | None:
         ax.set_xlabel(xkey.replace("_", " "))
         ax.set_ylabel("fwd+bwd median ms (fp32)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if rows:
+            ax.legend()
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
     meta = result["meta"]
