@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure expert-parallel all-to-all volume/time (2 gloo processes)",
     )
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="only profile where the time goes (GEMM, gather/scatter, ...) at the target config",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     # Subcommands that live with their feature: each module adds parsers whose
@@ -356,6 +361,11 @@ def _bench(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.profile:
+        from .bench.suite import profile_target
+
+        print(profile_target())
+        return 0
     command = "xmoe " + " ".join(shlex.quote(a) for a in args.argv)
     result = run_suite(args.quick, Path(args.out), not args.no_progress, command)
     if args.comm:
