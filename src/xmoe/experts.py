@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import segment_ffn
+from .ops.segment_ffn import activate, segment_ffn
 from .routing.base import _check_int
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
@@ -163,7 +163,7 @@ class Experts(nn.Module):
                 g = g + self.b3.to(dtype).index_select(0, expert_idx)
             h = F.silu(h) * g
         else:
-            h = _activate(h, self.activation)
+            h = activate(h, self.activation)
         y = mm(h, "w2")
         if self.b2 is not None:
             y = y + self.b2.to(dtype).index_select(0, expert_idx)
@@ -206,14 +206,6 @@ def grouped_mm_supported(dtype: torch.dtype, d_model: int, d_expert: int) -> boo
         return False
     per_16_bytes = 128 // torch.finfo(dtype).bits
     return d_model % per_16_bytes == 0 and d_expert % per_16_bytes == 0
-
-
-def _activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    return F.silu(h)
 
 
 class _ContiguousGrad(torch.autograd.Function):

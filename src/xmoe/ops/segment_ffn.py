@@ -101,7 +101,8 @@ def _bias_grad(g: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
     return g.new_zeros(num_experts, g.shape[1]).index_add_(0, expert_idx, g)
 
 
-def _act(h: Tensor, activation: str) -> Tensor:
+def activate(h: Tensor, activation: str) -> Tensor:
+    """``gelu`` (exact erf), ``relu`` or ``silu`` of ``h``."""
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
@@ -135,7 +136,7 @@ class _SegmentFFN(torch.autograd.Function):
                 h = F.silu(h1) * h3
             else:
                 h3 = None
-                h = _act(h1, activation)
+                h = activate(h1, activation)
             rw = None if row_weight is None else row_weight.to(dtype).unsqueeze(1)
             y = _segment_mm(h if rw is None else h * rw, w2c, sizes)
             b2c = None if b2 is None else cast(b2)
@@ -159,7 +160,7 @@ class _SegmentFFN(torch.autograd.Function):
             gy = gy.to(x.dtype).contiguous()
             glu = activation == "swiglu"
             s1 = F.silu(h1) if glu else None
-            h = s1 * h3 if glu else _act(h1, activation)
+            h = s1 * h3 if glu else activate(h1, activation)
             grads = [None] * 11
             if need[6]:
                 grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, sizes)
