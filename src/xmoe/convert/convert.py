@@ -89,22 +89,28 @@ class ConvertConfig:
 def calibration_batches(
     tokenizer, texts: list[str], calib_tokens: int, max_length: int = 128, batch_size: int = 32
 ) -> list[dict[str, Tensor]]:
-    """Tokenise ``texts`` in order until ``calib_tokens`` non-padding tokens are collected."""
-    batches, total = [], 0
-    for i in range(0, len(texts), batch_size):
+    """Take ``texts`` in order until they hold ``calib_tokens`` tokens (each truncated to
+    ``max_length``), then batch them grouped by length so that batches carry little padding."""
+    chosen, total = [], 0
+    for text in texts:
+        n = len(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+        chosen.append((n, text))
+        total += n
+        if total >= calib_tokens:
+            break
+    if total < calib_tokens:
+        raise ValueError(f"calibration text has only {total} tokens; asked for {calib_tokens}")
+    chosen.sort(key=lambda c: c[0])
+    batches = []
+    for i in range(0, len(chosen), batch_size):
         enc = tokenizer(
-            texts[i : i + batch_size],
+            [t for _, t in chosen[i : i + batch_size]],
             padding=True,
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
         )
         batches.append(dict(enc))
-        total += int(enc["attention_mask"].sum())
-        if total >= calib_tokens:
-            break
-    if total < calib_tokens:
-        raise ValueError(f"calibration text has only {total} tokens; asked for {calib_tokens}")
     return batches
 
 

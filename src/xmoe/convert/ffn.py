@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import permute, plan_dispatch, unpermute
+from ..dispatch import permute, plan_dispatch
 from ..experts import Experts
 from ..routing.base import Routing, pairs_from_sorted
 from ..routing.selection import threshold_keep
@@ -296,9 +296,12 @@ class ConvertedFFN(nn.Module):
             return y.reshape(x.shape)
         routing = threshold_routing(self.expert_share(flat), self.threshold)
         plan = plan_dispatch(routing)
-        y = unpermute(self.experts(permute(flat, plan), plan.counts, plan.expert_idx), plan)
-        if self.out_bias is not None:
-            y = y + self.out_bias
+        rows = self.experts(permute(flat, plan), plan.counts, plan.expert_idx)
+        # Combine: every weight is 1, so skip unpermute's per-row scaling and add rows directly.
+        base = self.out_bias.to(rows.dtype).expand(n, -1) if self.out_bias is not None else None
+        y = (rows.new_zeros(n, self.d_model) if base is None else base.clone()).index_add_(
+            0, plan.token_idx, rows
+        )
         self.last_pairs, self.last_tokens = routing.num_pairs, n
         if self.record_kept:
             self.last_kept = torch.bincount(routing.token_idx, minlength=n)

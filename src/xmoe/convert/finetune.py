@@ -79,7 +79,7 @@ def distill(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         for p in frozen:
             p.requires_grad_(True)
