@@ -228,6 +228,7 @@ def _train(
         desc="train",
         dynamic_ncols=True,
     )
+    say = bar.write if is_main else (lambda message: None)
     model.train()
     last_eval = None
     try:
@@ -239,7 +240,7 @@ def _train(
                 new_optimizer = build_optimizer(model, cfg)
                 carry_optimizer_state(optimizer, new_optimizer)
                 optimizer = new_optimizer
-                bar.write(f"step {step}: EvoMoE diversify -> {cfg.model.moe.num_experts} experts")
+                say(f"step {step}: EvoMoE diversify -> {cfg.model.moe.num_experts} experts")
             lr = lr_at(
                 step,
                 lr=t.lr,
@@ -326,7 +327,7 @@ def _train(
             if (step + 1) % t.eval_every == 0 and step + 1 < t.steps and evaluates:
                 last_eval = evaluate(model, data, t.eval_batch_size, t.eval_tokens)
                 log({"split": "val", "step": step + 1, **last_eval})
-                bar.write(
+                say(
                     f"step {step + 1}: val_loss {last_eval['val_loss']:.4f} "
                     f"val_ppl {last_eval['val_ppl']:.2f}"
                 )
@@ -337,7 +338,7 @@ def _train(
             else:  # all ranks stop at the same step: when any rank's clock is over
                 over_time = stats["over_time"]
             if over_time:
-                bar.write(f"time limit {t.time_limit_s}s reached at step {step + 1}; stopping")
+                say(f"time limit {t.time_limit_s}s reached at step {step + 1}; stopping")
                 break
     finally:
         bar.close()
