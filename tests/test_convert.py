@@ -374,3 +374,55 @@ def test_calibration_batches_stop_at_the_token_budget_and_group_by_length():
     assert [b["input_ids"].shape for b in batches] == [(3, 1), (3, 5)]  # grouped: no padding
     with pytest.raises(ValueError, match="calibration text has only"):
         calibration_batches(Tok(), texts[:3], calib_tokens=30)
+
+
+def test_cli_convert_then_convert_eval_on_a_local_model(tmp_path, capsys):
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "a",
+        "in",
+        "that",
+        "is",
+        "it",
+        "you",
+        "my",
+        "with",
+        "not",
+        "his",
+        "be",
+        "your",
+        "for",
+        "this",
+    ]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=D_FF,
+        max_position_embeddings=160,
+    )
+    base_dir, out = tmp_path / "base", tmp_path / "conv"
+    transformers.BertModel(cfg).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    argv = ["convert", "--model", str(base_dir), "--experts", "4", "--out", str(out)]
+    argv += ["--calib-tokens", "300", "--router-steps", "5", "--threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert "1 FFNs x 4 experts" in capsys.readouterr().out
+    assert main(argv) == 2  # --out is not empty now
+    assert "--overwrite" in capsys.readouterr().err
+    argv = ["convert-eval", str(out), "--thresholds", "1.0,0.3", "--no-speed", "--no-progress"]
+    argv += ["--shakespeare", "12", "--stdlib", "8", "--threads", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    lines = [ln for ln in printed.splitlines() if ln.startswith("| 4 |")]
+    assert len(lines) == 4  # learned and oracle at two thresholds
+    full = [ln for ln in lines if "| 1 |" in ln]
+    assert all("| 1.0000 |" in ln and "100.0%" in ln for ln in full)  # t = 1 is exact
+    assert (out / "eval.json").is_file()

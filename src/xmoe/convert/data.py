@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import random
 import re
 import sys
+import warnings
 
 from ..data.corpus import load_documents, split_documents
 
@@ -29,7 +31,7 @@ STDLIB_MODULES = (
 def calibration_texts(data_path: str | None = None, seed: int = 0) -> list[str]:
     """Shuffled speeches (one string per blank-line separated block, lines joined by spaces)
     from the training part of the corpus (default: Shakespeare)."""
-    train, _ = split_documents(load_documents(data_path), HELDOUT_FRACTION)
+    train, _ = _split(data_path)
     blocks = [" ".join(b.split()) for b in train.split("\n\n")]
     blocks = [b for b in blocks if len(b) >= 20]
     random.Random(seed).shuffle(blocks)
@@ -38,11 +40,16 @@ def calibration_texts(data_path: str | None = None, seed: int = 0) -> list[str]:
 
 def shakespeare_heldout_lines(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct lines (30-200 characters, not all capitals) from the held-out 10%."""
-    _, val = split_documents(load_documents(None), HELDOUT_FRACTION)
+    _, val = _split(None)
     lines = sorted({ln.strip() for ln in val.splitlines()})
     lines = [ln for ln in lines if 30 <= len(ln) <= 200 and not ln.isupper()]
     random.Random(seed).shuffle(lines)
     return lines[:n]
+
+
+@functools.lru_cache(maxsize=2)
+def _split(data_path: str | None) -> tuple[str, str]:
+    return split_documents(load_documents(data_path), HELDOUT_FRACTION)
 
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -52,6 +59,13 @@ _CODEY = set("()[]{}=_*`<>|\\:#'\"")
 def stdlib_docstring_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct English sentences (30-200 characters, prose-like) from the docstrings of
     :data:`STDLIB_MODULES` and their public members."""
+    with warnings.catch_warnings():  # e.g. typing.io's DeprecationWarning on attribute access
+        warnings.simplefilter("ignore")
+        docs = _stdlib_docstrings()
+    return _sentences_from(docs, n, seed)
+
+
+def _stdlib_docstrings() -> list[str]:
     docs = []
     for name in STDLIB_MODULES:
         mod = importlib.import_module(name)
@@ -64,6 +78,10 @@ def stdlib_docstring_sentences(n: int, seed: int = 0) -> list[str]:
                 for mattr, m in sorted(vars(obj).items()):
                     if not mattr.startswith("_") and inspect.isfunction(m):
                         docs.append(inspect.getdoc(m) or "")
+    return docs
+
+
+def _sentences_from(docs: list[str], n: int, seed: int) -> list[str]:
     sents = set()
     for doc in docs:
         for para in doc.split("\n\n"):
