@@ -93,6 +93,11 @@ def _layer_worker(rank: int, port: int, out_dir: str) -> None:
         results["indivisible_error"] = ""
     except ValueError as exc:
         results["indivisible_error"] = str(exc)
+    from xmoe.bench.comm import measure_in_group
+
+    results["comm"] = measure_in_group(
+        rank, WORLD, 64, D, E, H, ["top2", "t0.9@1.5"], reps=1, warmup=0, seed=0
+    )
     Path(out_dir, f"layer{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -211,6 +216,16 @@ def test_ep_layer_with_a_rank_that_has_no_tokens(layer_results):
 
 def test_ep_layer_rejects_experts_not_divisible_by_ranks(layer_results):
     assert "not divisible" in layer_results[0]["indivisible_error"]
+
+
+def test_comm_bench_counts_fewer_bytes_for_fewer_experts_per_token(layer_results):
+    top2, threshold = layer_results[0]["comm"]
+    assert top2["experts_per_token"] == 2.0
+    assert abs(threshold["experts_per_token"] - 1.5) < 0.1
+    for row in (top2, threshold):  # fwd + bwd, fp32 rows of D
+        assert row["bytes_sent_per_step"] == 2 * row["rows_sent_fwd"] * D * 4
+        assert row["a2a_fwd_ms"] > 0 and row["layer_fwd_bwd_ms"] > 0
+    assert 0 < threshold["bytes_sent_per_step"] < top2["bytes_sent_per_step"]
 
 
 # --------------------------------------------------------------------------------------------

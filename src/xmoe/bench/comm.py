@@ -97,14 +97,14 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         timeout=timedelta(seconds=300),
     )
     try:
-        rows = _measure(rank, world, **args)
+        rows = measure_in_group(rank, world, **args)
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
 
 
-def _measure(
+def measure_in_group(
     rank: int,
     world: int,
     num_tokens: int,
@@ -116,6 +116,8 @@ def _measure(
     warmup: int,
     seed: int,
 ) -> list[dict]:
+    """The measurement itself, on every rank of an initialised default group of ``world``
+    ranks (what each spawned process of :func:`run_comm_bench` runs). Rows on every rank."""
     import torch.distributed as dist
 
     from ..dispatch import permute, plan_dispatch

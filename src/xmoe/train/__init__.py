@@ -1,6 +1,12 @@
 """Training harness: loop, schedule, checkpoints, evaluation."""
 
-from .checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
+)
 from .evaluate import evaluate
 from .schedule import lr_at
 from .trainer import build_optimizer, load_data, train
@@ -11,6 +17,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_data",
+    "load_training_state",
     "load_weights",
     "lr_at",
     "save_checkpoint",

@@ -153,7 +153,9 @@ def _init_parallel(cfg: RunConfig) -> tuple[ParallelContext | None, bool]:
             f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
             f"{world} (every rank reads batch_size / world_size sequences of each batch)"
         )
-    return init_parallel(p, num_experts), not initialised
+    # gloo: the trainer keeps the model on the CPU (the EP layer itself is device-agnostic and
+    # runs on NCCL with CUDA tensors when given such a group).
+    return init_parallel(p, num_experts, backend="gloo"), not initialised
 
 
 def _train(
