@@ -399,6 +399,40 @@ def test_checkpoint_saved_with_one_rank_resumes_with_two(runs):
     assert cfg["parallel"]["expert_parallel"] == 2
 
 
+def _cli_worker(rank: int, port: int, root: str, out: str) -> None:
+    """What torchrun gives each process: the env:// variables, then ``python -m xmoe``."""
+    from xmoe.cli import main
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    run = str(Path(root) / "cli_ep2")
+    sets = [a for item in _sets(Path(root), 2) for a in ("--set", item)]
+    args = ["train", "--run-dir", run, "--no-progress", "--overwrite", *sets]
+    first = main([*args, "--set", "parallel.expert_parallel=2"])
+    initialised_after = dist.is_initialized()
+    # rank 0 finds the run dir not empty: every rank must fail with the message, none hang
+    second = main([a for a in args if a != "--overwrite"])
+    Path(out, f"cli{rank}.json").write_text(json.dumps([first, initialised_after, second]))
+
+
+def test_torchrun_style_launch_through_the_cli(runs, tmp_path, capfd):
+    shutil.copytree(runs / "single" / "data", runs / "cli_ep2" / "data")
+    _spawn(_cli_worker, str(runs), str(tmp_path))
+    for rank in range(WORLD):
+        first, initialised_after, second = json.loads((tmp_path / f"cli{rank}.json").read_text())
+        assert first == 0 and not initialised_after  # the trainer destroys the group it made
+        assert second == 2
+    assert capfd.readouterr().err.count("is not empty; pass --resume") == WORLD
+    summary = json.loads((runs / "cli_ep2" / "summary.json").read_text())
+    assert summary["parallel"]["expert_parallel"] == 2 and summary["steps"] == 2
+
+
 def test_single_process_training_needs_no_process_group(runs):
     assert os.environ.get("WORLD_SIZE", "1") == "1"
     assert not dist.is_initialized()  # the parent trained 3 runs without one
