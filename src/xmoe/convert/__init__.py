@@ -10,6 +10,7 @@ whose predicted share of activation mass reaches t. See docs/dense-to-sparse.md.
 from .adapters import ADAPTERS, FFNSite, find_ffns, install_ffn
 from .convert import (
     ConvertConfig,
+    as_sentence_transformer,
     calibration_batches,
     capture_ffn_inputs,
     convert_model,
@@ -31,6 +32,7 @@ __all__ = [
     "DenseFFN",
     "FFNSite",
     "SliceExperts",
+    "as_sentence_transformer",
     "calibration_batches",
     "capture_ffn_inputs",
     "convert_model",

@@ -372,3 +372,21 @@ def _versions() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+def as_sentence_transformer(model: nn.Module, base_path: str | Path, device: str = "cpu"):
+    """A ``SentenceTransformer`` pipeline loaded from ``base_path`` (e.g. the installed MiniLM:
+    its pooling and normalisation modules) whose transformer is the converted ``model``."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(base_path), device=device)
+    first = st[0]
+    # sentence-transformers >= 5 keeps the HF model in ``.model`` (``auto_model`` is a read-only
+    # alias); older versions store it in ``auto_model``.
+    if isinstance(getattr(type(first), "auto_model", None), property):
+        first.model = model.to(device)
+    else:
+        first.auto_model = model.to(device)
+    if first.auto_model is not model:
+        raise RuntimeError("could not install the converted model into the SentenceTransformer")
+    return st
