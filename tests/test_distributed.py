@@ -47,21 +47,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
-    """Run ``fn(rank, port, *args)`` in WORLD processes. Forked (where available) from this
+def _spawn(fn, *args, nprocs: int = WORLD) -> None:
+    """Run ``fn(rank, port, *args)`` in ``nprocs`` processes. Forked (where available) from this
     process, whose torch / xmoe imports they inherit: a fresh interpreter pays ~5 s of imports
     per process. The workers use one intra-op thread and no process group exists here."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, join=True, start_method=method)
+    mp.start_processes(
+        fn, args=(_free_port(), *args), nprocs=nprocs, join=True, start_method=method
+    )
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int = WORLD) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=timedelta(seconds=120),
     )
 
@@ -397,6 +399,27 @@ def test_checkpoint_saved_with_one_rank_resumes_with_two(runs):
     assert max(abs(a - b) for a, b in zip(single, resumed, strict=True)) < LOSS_TOL
     cfg = json.loads((runs / "single_half" / "summary.json").read_text())
     assert cfg["parallel"]["expert_parallel"] == 2
+
+
+def _four_rank_worker(rank: int, port: int, root: str) -> None:
+    """W = 4, P = 2: two EP groups {0, 1}, {2, 3}; expert slices replicated over {0, 2}, {1, 3}."""
+    _init(rank, port, world=4)
+    ctx = make_context(2)
+    assert ctx.data_parallel == 2 and ctx.expert_dp_group is not None
+    cfg = load_config(None, [*_sets(Path(root), HALF), "parallel.expert_parallel=2"])
+    train(cfg, Path(root) / "ep2_dp2", overwrite=True, progress=False, parallel=ctx)
+    dist.destroy_process_group()
+
+
+def test_four_ranks_expert_parallel_2_with_replicated_experts_match_single_process(runs):
+    shutil.copytree(runs / "single" / "data", runs / "ep2_dp2" / "data")
+    _spawn(_four_rank_worker, str(runs), nprocs=4)
+    single, four = _losses(runs / "single")[:HALF], _losses(runs / "ep2_dp2")
+    assert max(abs(a - b) for a, b in zip(single, four, strict=True)) < LOSS_TOL, (single, four)
+    norms = _losses(runs / "single", "grad_norm")[:HALF]
+    torch.testing.assert_close(_losses(runs / "ep2_dp2", "grad_norm"), norms, rtol=1e-4, atol=0)
+    summary = json.loads((runs / "ep2_dp2" / "summary.json").read_text())
+    assert summary["parallel"] == {"world_size": 4, "expert_parallel": 2, "data_parallel": 2}
 
 
 def _cli_worker(rank: int, port: int, root: str, out: str) -> None:
