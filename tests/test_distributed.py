@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -47,14 +48,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args, nprocs: int = WORLD) -> None:
+def _spawn(fn, *args, nprocs: int = WORLD, timeout_s: float = 120.0) -> None:
     """Run ``fn(rank, port, *args)`` in ``nprocs`` processes. Forked (where available) from this
     process, whose torch / xmoe imports they inherit: a fresh interpreter pays ~5 s of imports
-    per process. The workers use one intra-op thread and no process group exists here."""
+    per process. The workers use one intra-op thread and no process group exists here. A hang
+    (e.g. ranks disagreeing on a collective) fails the test after ``timeout_s``."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(
-        fn, args=(_free_port(), *args), nprocs=nprocs, join=True, start_method=method
+    context = mp.start_processes(
+        fn, args=(_free_port(), *args), nprocs=nprocs, join=False, start_method=method
     )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__}: workers still running after {timeout_s:.0f} s (hang)")
 
 
 def _init(rank: int, port: int, world: int = WORLD) -> None:
@@ -422,8 +430,11 @@ def test_four_ranks_expert_parallel_2_with_replicated_experts_match_single_proce
     assert summary["parallel"] == {"world_size": 4, "expert_parallel": 2, "data_parallel": 2}
 
 
-def _cli_worker(rank: int, port: int, root: str, out: str) -> None:
-    """What torchrun gives each process: the env:// variables, then ``python -m xmoe``."""
+def _cli_worker(rank: int, port: int, root: str, out: str, port2: int) -> None:
+    """What torchrun gives each process: the env:// variables, then ``python -m xmoe``.
+
+    The second launch uses another port: re-initialising on the same one could let a fast rank
+    reach the previous launch's store before the slow rank has torn it down."""
     from xmoe.cli import main
 
     torch.set_num_threads(1)
@@ -440,13 +451,14 @@ def _cli_worker(rank: int, port: int, root: str, out: str) -> None:
     first = main([*args, "--set", "parallel.expert_parallel=2"])
     initialised_after = dist.is_initialized()
     # rank 0 finds the run dir not empty: every rank must fail with the message, none hang
+    os.environ["MASTER_PORT"] = str(port2)
     second = main([a for a in args if a != "--overwrite"])
     Path(out, f"cli{rank}.json").write_text(json.dumps([first, initialised_after, second]))
 
 
 def test_torchrun_style_launch_through_the_cli(runs, tmp_path, capfd):
     shutil.copytree(runs / "single" / "data", runs / "cli_ep2" / "data")
-    _spawn(_cli_worker, str(runs), str(tmp_path))
+    _spawn(_cli_worker, str(runs), str(tmp_path), _free_port())
     for rank in range(WORLD):
         first, initialised_after, second = json.loads((tmp_path / f"cli{rank}.json").read_text())
         assert first == 0 and not initialised_after  # the trainer destroys the group it made
