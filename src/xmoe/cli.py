@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --threshold: rescale the kept probabilities to sum to 1 "
-        "(default: on, the better of the two in docs/dense-to-sparse.md)",
+        "(default: off, the better of the two in docs/dense-to-sparse.md)",
     )
     e.add_argument("--out", help="sweep output directory (default: RUN_DIR/sweep)")
 
