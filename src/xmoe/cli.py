@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def _train(args) -> int:
     summary = train(
         cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
     )
-    _print_summary(summary, run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        _print_summary(summary, run_dir)
     return 0
 
 
@@ -368,11 +370,15 @@ def _bench(args) -> int:
         return 0
     command = "xmoe " + " ".join(shlex.quote(a) for a in args.argv)
     result = run_suite(args.quick, Path(args.out), not args.no_progress, command)
-    if args.comm:
-        from .bench.comm import run_comm_bench
-
-        result["comm"] = run_comm_bench()
     print(_ratio_table(result))
+    if args.comm:
+        from .bench.comm import format_table, run_comm_bench
+
+        rows = run_comm_bench()
+        print(format_table(rows))
+        comm_path = Path(result["files"][0]).with_suffix(".comm.json")
+        comm_path.write_text(json.dumps(rows, indent=1))
+        result["files"].append(str(comm_path))
     print("files: " + ", ".join(result["files"]))
     return 0
 
