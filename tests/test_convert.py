@@ -426,3 +426,26 @@ def test_cli_convert_then_convert_eval_on_a_local_model(tmp_path, capsys):
     full = [ln for ln in lines if "| 1 |" in ln]
     assert all("| 1.0000 |" in ln and "100.0%" in ln for ln in full)  # t = 1 is exact
     assert (out / "eval.json").is_file()
+
+
+def test_distill_trains_only_the_expert_slices_and_improves_the_sparse_model():
+    from xmoe.convert.finetune import distill
+
+    model, dense_out, batches, _ = converted("bert", experts=4, steps=30)
+    router_before = [f.router.weight.clone() for f in converted_ffns(model)]
+    other_before = model.embeddings.word_embeddings.weight.clone()
+    w1_before = converted_ffns(model)[0].experts.w1.clone()
+    set_threshold(model, 0.5)
+    err = lambda: float((hidden(model, batches[0]) - dense_out).pow(2).mean())
+    before = err()
+    info = distill(model, batches, threshold=0.5, steps=40, lr=3e-3)
+    assert info["loss_last"] < info["loss_first"]
+    assert err() < before  # closer to the dense model at the tuned threshold
+    assert not torch.equal(converted_ffns(model)[0].experts.w1, w1_before)
+    for f, w in zip(converted_ffns(model), router_before):
+        assert torch.equal(f.router.weight, w)
+    assert torch.equal(model.embeddings.word_embeddings.weight, other_before)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    assert [f.threshold for f in converted_ffns(model)] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="--finetune-steps"):
+        distill(model, batches, threshold=0.5, steps=0)
