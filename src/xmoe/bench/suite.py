@@ -301,13 +301,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {key} | {value:.3f} | {target} | {'-' if met is None else met} |")
     groups: dict[tuple, list[dict]] = {}
     for r in result["results"]:
-        groups.setdefault((r["config"], r["dtype"], r["pass_"]), []).append(r)
+        key = (r["config"], r["dtype"], r["pass_"], ",".join(r["tags"]))
+        groups.setdefault(key, []).append(r)
     lines += ["", "## Median times", ""]
-    for (config, dtype, pass_), rows in groups.items():
+    for (config, dtype, pass_, tags), rows in groups.items():
         ref = next((r["median_ms"] for r in rows if r["variant"] == XMOE), None)
         ept = rows[0]["experts_per_token"]
         lines += [
-            f"**{config}** · {dtype} · {pass_} · {ept:.2f} experts/token",
+            f"**{config}** · {dtype} · {pass_} · {ept:.2f} experts/token · {tags}",
             "",
             "| variant | median ms | xmoe speedup | note |",
             "|---|---|---|---|",
