@@ -58,34 +58,57 @@ def segment_ffn(
     return _SegmentFFN.apply(x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
 
 
+def _grouped_ok(*tensors: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: fp32/bf16, 16-byte aligned strides."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        per_16_bytes = 16 // t.element_size()
+        # Row strides must be 16-byte multiples: the last dim, and for a stacked [E, m, n]
+        # weight also m (it may be used transposed). The row count of a 2D operand is free.
+        dims = t.shape[-1:] if t.dim() == 2 else t.shape[-2:]
+        if any(n % per_16_bytes for n in dims):
+            return False
+    return True
+
+
 def _segment_mm(
     a: Tensor,
     w: Tensor,
     sizes: list[int],
+    offsets: Tensor,
     transpose_w: bool = False,
     accumulate: Tensor | None = None,
 ) -> Tensor:
-    """``out[seg_e] = a[seg_e] @ w[e]`` (or ``@ w[e].T``), one GEMM per non-empty segment.
+    """``out[seg_e] = a[seg_e] @ w[e]`` (or ``@ w[e].T``) over the segments.
 
-    With ``accumulate``, adds the products into that tensor in place (``addmm``) and returns it.
+    One ``torch._grouped_mm`` call when the shapes allow it (measured ~10% faster than the loop
+    on CPU, and one kernel on CUDA), else one ``torch.mm`` per non-empty segment into a
+    preallocated buffer. With ``accumulate``, adds the products into that tensor in place.
     """
-    cols = w.shape[1] if transpose_w else w.shape[2]
-    out = a.new_empty(a.shape[0], cols) if accumulate is None else accumulate
+    wt = w.transpose(1, 2) if transpose_w else w
+    if _grouped_ok(a, w):
+        out = torch._grouped_mm(a, wt, offs=offsets)
+        return out if accumulate is None else accumulate.add_(out)
+    out = a.new_empty(a.shape[0], wt.shape[2]) if accumulate is None else accumulate
     start = 0
     for e, n in enumerate(sizes):
         if n:
-            we = w[e].t() if transpose_w else w[e]
             seg = out[start : start + n]
             if accumulate is None:
-                torch.mm(a[start : start + n], we, out=seg)
+                torch.mm(a[start : start + n], wt[e], out=seg)
             else:
-                torch.addmm(seg, a[start : start + n], we, out=seg)
+                torch.addmm(seg, a[start : start + n], wt[e], out=seg)
             start += n
     return out
 
 
-def _segment_wgrad(a: Tensor, g: Tensor, sizes: list[int]) -> Tensor:
+def _segment_wgrad(a: Tensor, g: Tensor, sizes: list[int], offsets: Tensor) -> Tensor:
     """``grad[e] = a[seg_e].T @ g[seg_e]`` as one ``[E, a_cols, g_cols]`` tensor (0 if empty)."""
+    if _grouped_ok(a, g):
+        return torch._grouped_mm(a.t(), g, offs=offsets)
     grad = a.new_empty(len(sizes), a.shape[1], g.shape[1])
     start = 0
     for e, n in enumerate(sizes):
@@ -123,14 +146,15 @@ class _SegmentFFN(torch.autograd.Function):
     def forward(ctx, x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3):
         dtype = x.dtype
         glu = activation == "swiglu"
+        offsets = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
         with torch.autocast(x.device.type, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)
             w1c, w2c, w3c = cast(w1), cast(w2), cast(w3)
-            h1 = _segment_mm(x, w1c, sizes)
+            h1 = _segment_mm(x, w1c, sizes, offsets)
             if b1 is not None:
                 h1 += cast(b1).index_select(0, expert_idx)
             if glu:
-                h3 = _segment_mm(x, w3c, sizes)
+                h3 = _segment_mm(x, w3c, sizes, offsets)
                 if b3 is not None:
                     h3 += cast(b3).index_select(0, expert_idx)
                 h = F.silu(h1) * h3
@@ -138,12 +162,12 @@ class _SegmentFFN(torch.autograd.Function):
                 h3 = None
                 h = activate(h1, activation)
             rw = None if row_weight is None else row_weight.to(dtype).unsqueeze(1)
-            y = _segment_mm(h if rw is None else h * rw, w2c, sizes)
+            y = _segment_mm(h if rw is None else h * rw, w2c, sizes, offsets)
             b2c = None if b2 is None else cast(b2)
             if b2 is not None:
                 rows = b2c.index_select(0, expert_idx)
                 y += rows if rw is None else rows * rw
-        ctx.save_for_backward(x, expert_idx, h1, h3, w1c, w2c, w3c, rw, b2c)
+        ctx.save_for_backward(x, expert_idx, h1, h3, w1c, w2c, w3c, rw, b2c, offsets)
         ctx.sizes, ctx.activation = sizes, activation
         ctx.param_dtypes = [None if t is None else t.dtype for t in (w1, w2, w3, b1, b2, b3)]
         ctx.row_weight_dtype = None if row_weight is None else row_weight.dtype
@@ -151,7 +175,7 @@ class _SegmentFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, expert_idx, h1, h3, w1, w2, w3, rw, b2 = ctx.saved_tensors
+        x, expert_idx, h1, h3, w1, w2, w3, rw, b2, offsets = ctx.saved_tensors
         sizes, activation = ctx.sizes, ctx.activation
         E = len(sizes)
         # inputs: (x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
@@ -163,10 +187,10 @@ class _SegmentFFN(torch.autograd.Function):
             h = s1 * h3 if glu else activate(h1, activation)
             grads = [None] * 11
             if need[6]:
-                grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, sizes)
+                grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, sizes, offsets)
             if need[9]:
                 grads[9] = _bias_grad(gy if rw is None else gy * rw, expert_idx, E)
-            gh = _segment_mm(gy, w2, sizes, transpose_w=True)  # d loss / d (rw * h)
+            gh = _segment_mm(gy, w2, sizes, offsets, transpose_w=True)  # d loss / d (rw * h)
             if rw is not None:
                 if need[4]:
                     g_rw = (gh * h).sum(1)
@@ -183,17 +207,17 @@ class _SegmentFFN(torch.autograd.Function):
                 g1 = _act_backward(gh, h1, activation)
             del gh
             if need[5]:
-                grads[5] = _segment_wgrad(x, g1, sizes)
+                grads[5] = _segment_wgrad(x, g1, sizes, offsets)
             if need[8]:
                 grads[8] = _bias_grad(g1, expert_idx, E)
             if glu and need[7]:
-                grads[7] = _segment_wgrad(x, g3, sizes)
+                grads[7] = _segment_wgrad(x, g3, sizes, offsets)
             if glu and need[10]:
                 grads[10] = _bias_grad(g3, expert_idx, E)
             if need[0]:
-                gx = _segment_mm(g1, w1, sizes, transpose_w=True)
+                gx = _segment_mm(g1, w1, sizes, offsets, transpose_w=True)
                 if glu:
-                    _segment_mm(g3, w3, sizes, transpose_w=True, accumulate=gx)
+                    _segment_mm(g3, w3, sizes, offsets, transpose_w=True, accumulate=gx)
                 grads[0] = gx
         for i, dtype in zip(range(5, 11), ctx.param_dtypes):
             if grads[i] is not None:
