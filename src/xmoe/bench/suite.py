@@ -82,7 +82,7 @@ def plan(quick: bool) -> tuple[list[Job], list[tuple[ProblemSpec, str]]]:
                 for router in ("top2", "t0.5", "t0.7", "t0.9"):
                     spec = ProblemSpec(n, 512, e, h, router)
                     if spec not in (TARGET_TOP2,):
-                        jobs.append(Job(spec, tags=("grid",)))
+                        jobs.append(Job(spec, reps=3, tags=("grid",)))
     mem_variants = ("dense", XMOE, "loop", "capacity", "hf_grouped_mm")
     memory = [(s, v) for s in (TARGET_TOP2, TARGET_THRESHOLD) for v in mem_variants]
     mem_epts = (1.0, 2.0, 4.0) if quick else (1.0, 2.0, 4.0, 8.0)
