@@ -1,16 +1,18 @@
 """Peak memory of one forward+backward of one variant (CPU).
 
-There is no allocator counter on CPU, so each measurement runs in a fresh subprocess and
-reports how far the process's peak resident set (``ru_maxrss``) rose above its resident set
-just before the forward. Allocator caching makes this a coarse figure (about ±1 MiB), but it is
-the real footprint of the step.
+There is no allocator counter on CPU, so each measurement runs in a fresh subprocess: one
+warm-up step (libraries, thread pools), then freed memory is returned to the OS
+(``malloc_trim``), the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the
+figure is how far the peak resident set (``VmHWM``) rose above the resident set during one
+forward+backward, gradients included. Linux only; coarse (pages, allocator slack) but real.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
-import resource
 import subprocess
 import sys
 
@@ -37,9 +39,19 @@ def peak_bytes(spec: ProblemSpec, router_scale: float, variant: str, dtype: str)
     return None if value is None else int(value)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _measure(payload: dict) -> int | None:
@@ -50,11 +62,22 @@ def _measure(payload: dict) -> int | None:
         return None
     variant = variants[payload["variant"]]
     grad = torch.randn(spec.num_tokens, spec.d_model)
-    gc.collect()
-    before = _rss_bytes()
-    out = variant.run()
-    out.backward(grad.to(out.dtype))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+    def step():
+        for p in variant.params:
+            p.grad = None
+        out = variant.run()
+        out.backward(grad.to(out.dtype))
+
+    step()  # warm-up: libraries, thread pools and allocator arenas are not the step's cost
+    for p in variant.params:
+        p.grad = None
+    _release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    before = _status_bytes("VmRSS")
+    step()
+    return _status_bytes("VmHWM") - before
 
 
 if __name__ == "__main__":
