@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .dispatch import (
+    DispatchPlan,
     apply_capacity,
     check_capacity_factor,
     expert_capacity,
@@ -92,10 +93,16 @@ class MoE(nn.Module):
             routing = apply_capacity(
                 routing, expert_capacity(cf, routing.num_tokens, self.num_experts)
             )
-        plan = plan_dispatch(routing)
-        y = self.experts(permute(flat, plan), plan.counts, plan.expert_idx, plan.weight)
-        out = unpermute(y, plan, weighted=True)
+        out = self.dispatch_and_combine(flat, plan_dispatch(routing))
         return out.to(x.dtype).reshape(x.shape), routing
+
+    def dispatch_and_combine(self, flat: Tensor, plan: DispatchPlan) -> Tensor:
+        """permute → experts → unpermute for the kept pairs of ``plan``; ``flat: [N, d]``.
+
+        The slot an expert-parallel layer overrides to put its all-to-all around the experts.
+        """
+        y = self.experts(permute(flat, plan), plan.counts, plan.expert_idx, plan.weight)
+        return unpermute(y, plan, weighted=True)
 
     def compute_ratio(self, experts_per_token: float, d_ff: int) -> float:
         """Expert FLOPs per token over those of a dense FFN of width ``d_ff`` (same activation)."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from ..dispatch import apply_capacity, expert_capacity, permute, plan_dispatch, unpermute
+from ..dispatch import DispatchPlan, permute, unpermute
 from ..experts import Experts
 from ..layer import MoE
 from ..routing import Routing
@@ -89,24 +89,11 @@ class ExpertParallelMoE(MoE):
         """Shard ``moe`` over ``group`` (default: the world): this rank keeps its slice."""
         return cls(moe, group, dist.get_world_size(group), dist.get_rank(group))
 
-    def forward_with_routing(self, x: Tensor, **router_kwargs) -> tuple[Tensor, Routing]:
-        """Like :meth:`MoE.forward_with_routing`; every rank of the group must call it
-        (with any number of tokens, including 0)."""
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
-            )
-        flat = x.reshape(-1, self.d_model)
-        routing = self.router(flat, **router_kwargs)
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        if cf is not None:
-            routing = apply_capacity(
-                routing, expert_capacity(cf, routing.num_tokens, self.num_experts)
-            )
-        plan = plan_dispatch(routing)
+    def dispatch_and_combine(self, flat: Tensor, plan: DispatchPlan) -> Tensor:
+        """permute → all-to-all → local experts → reverse all-to-all → unpermute. Every rank of
+        the group must call the layer (with any number of tokens, including 0)."""
         y = self.expert_exchange(permute(flat, plan), plan.counts)
-        out = unpermute(y, plan)
-        return out.to(x.dtype).reshape(x.shape), routing
+        return unpermute(y, plan)
 
     def expert_exchange(self, rows: Tensor, counts: Tensor) -> Tensor:
         """Send ``rows: [A, d]`` (sorted by global expert, ``counts: [E]``) to the ranks owning
