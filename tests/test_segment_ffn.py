@@ -55,7 +55,9 @@ def test_gradcheck_float64_with_an_empty_expert(activation, bias, weighted):
         it = iter(ts)
         args = [next(it) if t is not None else None for t in (x, w1, w2, w3, b1, b2, b3, weight)]
         x_, w1_, w2_, w3_, b1_, b2_, b3_, wt_ = args
-        return segment_ffn(x_, sizes, idx, w1_, w2_, w3_, b1_, b2_, b3_, activation, wt_)
+        return segment_ffn(
+            x_, torch.tensor(sizes), idx, w1_, w2_, w3_, b1_, b2_, b3_, activation, wt_
+        )
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
     out = fn(*tensors)
@@ -96,6 +98,23 @@ def test_bf16_autocast_matches_fp32_within_bf16_tolerance(activation, backend):
 def test_grad_of_unused_inputs_is_not_computed():
     x, idx, w1, w2, w3, b1, b2, b3, weight = _inputs("gelu", False, [2, 2])
     x.requires_grad_(False)
-    out = segment_ffn(x, [2, 2], idx, w1, w2.detach(), None, None, None, None, "gelu", None)
+    out = segment_ffn(
+        x, torch.tensor([2, 2]), idx, w1, w2.detach(), None, None, None, None, "gelu", None
+    )
     out.sum().backward()
     assert x.grad is None and w1.grad is not None
+
+
+def test_grouped_path_keeps_the_segment_sizes_on_the_device():
+    """Aligned fp32/bf16 shapes need no host sync; float64 or odd widths fall back to the loop."""
+    import sys
+
+    kernel = sys.modules["xmoe.ops.segment_ffn"]
+    counts = torch.tensor([3, 0, 5])
+    aligned = (torch.randn(8, 16), torch.randn(3, 16, 8), torch.randn(3, 8, 16))
+    segs = kernel._segments(counts, *aligned)
+    assert segs.sizes is None and segs.offsets.tolist() == [3, 3, 8]
+    odd = (torch.randn(8, 16), torch.randn(3, 16, 6), torch.randn(3, 6, 16))
+    assert kernel._segments(counts, *odd).sizes == [3, 0, 5]
+    as64 = tuple(t.double() for t in aligned)
+    assert kernel._segments(counts, *as64).sizes == [3, 0, 5]

@@ -93,8 +93,8 @@ def unpermute(y: Tensor, plan: DispatchPlan, weighted: bool = False) -> Tensor:
     it), so only the sum remains. The sum runs in fp32 (the weights' dtype) whatever the expert
     compute dtype was.
     """
-    if not weighted:
-        y = y.to(plan.weight.dtype) * plan.weight.unsqueeze(-1)
     y = y.to(plan.weight.dtype)
+    if not weighted:
+        y = y * plan.weight.unsqueeze(-1)
     out = y.new_zeros(plan.num_tokens, y.shape[-1])
     return out.index_add(0, plan.token_idx, y)

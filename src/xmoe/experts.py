@@ -117,10 +117,9 @@ class Experts(nn.Module):
         x = x.to(dtype)
         backend = self.resolve_backend(dtype, x.device)
         if backend == "segment":
-            sizes = counts.tolist()  # the one host sync: Python needs the segment sizes
             return segment_ffn(
                 x,
-                sizes,
+                counts,
                 expert_idx,
                 self.w1,
                 self.w2,

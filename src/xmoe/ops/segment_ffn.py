@@ -14,6 +14,8 @@ FFN needs and nothing else:
   (ScatterMoE's trick): ``w * (h @ w2 + b2) = (w * h) @ w2 + w * b2``, which scales ``[A, h]``
   instead of ``[A, d]``, and their gradient ``<gy @ w2^T, h> (+ <gy, b2>)`` reuses the
   ``gy @ w2^T`` product the backward needs anyway.
+- No host sync when every GEMM can go through ``torch._grouped_mm`` (fp32/bf16, 16-byte aligned
+  widths): the segment offsets stay on the device. Otherwise one, for the fallback's sizes.
 
 Empty experts cost nothing in the forward and get an exact zero gradient. On CPU this beat both
 ``torch._grouped_mm`` and the autograd loop in the benchmarks (see BENCHMARKS.md); on CUDA
@@ -22,6 +24,8 @@ Empty experts cost nothing in the forward and get an exact zero gradient. On CPU
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +33,7 @@ from torch import Tensor
 
 def segment_ffn(
     x: Tensor,
-    sizes: list[int],
+    counts: Tensor,
     expert_idx: Tensor,
     w1: Tensor,
     w2: Tensor,
@@ -44,7 +48,8 @@ def segment_ffn(
 
     Args:
         x: ``[A, d]`` rows sorted by expert, already in the compute dtype.
-        sizes: ``E`` Python ints, the segment lengths (sum ``A``).
+        counts: ``[E]`` int64 segment lengths (sum ``A``), on ``x``'s device. Read on the host
+            (one sync) only when the shapes need the per-segment ``torch.mm`` fallback.
         expert_idx: ``[A]`` int64 expert of each row (used for the bias gradients).
         w1, w3: ``[E, d, h]`` (``w3`` only for ``activation="swiglu"``); w2: ``[E, h, d]``.
         b1, b3: ``[E, h]`` or None; b2: ``[E, d]`` or None.
@@ -55,7 +60,7 @@ def segment_ffn(
         may be in another dtype; they are cast to ``x``'s
         and their gradients come back in their own dtype.
     """
-    return _SegmentFFN.apply(x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
+    return _SegmentFFN.apply(x, counts, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
 
 
 def _grouped_ok(*tensors: Tensor) -> bool:
@@ -74,11 +79,24 @@ def _grouped_ok(*tensors: Tensor) -> bool:
     return True
 
 
+class _Segments(NamedTuple):
+    """Where each expert's rows are: int32 end ``offsets`` (device) for ``torch._grouped_mm``,
+    or, when the shapes need the per-segment fallback, the Python ``sizes``."""
+
+    offsets: Tensor
+    sizes: list[int] | None
+
+
+def _segments(counts: Tensor, *operands: Tensor) -> _Segments:
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    # The fallback loop needs the sizes in Python: the only host sync of this kernel.
+    return _Segments(offsets, None if _grouped_ok(*operands) else counts.tolist())
+
+
 def _segment_mm(
     a: Tensor,
     w: Tensor,
-    sizes: list[int],
-    offsets: Tensor,
+    segs: _Segments,
     transpose_w: bool = False,
     accumulate: Tensor | None = None,
 ) -> Tensor:
@@ -89,12 +107,12 @@ def _segment_mm(
     preallocated buffer. With ``accumulate``, adds the products into that tensor in place.
     """
     wt = w.transpose(1, 2) if transpose_w else w
-    if _grouped_ok(a, w):
-        out = torch._grouped_mm(a, wt, offs=offsets)
+    if segs.sizes is None:
+        out = torch._grouped_mm(a, wt, offs=segs.offsets)
         return out if accumulate is None else accumulate.add_(out)
     out = a.new_empty(a.shape[0], wt.shape[2]) if accumulate is None else accumulate
     start = 0
-    for e, n in enumerate(sizes):
+    for e, n in enumerate(segs.sizes):
         if n:
             seg = out[start : start + n]
             if accumulate is None:
@@ -105,13 +123,13 @@ def _segment_mm(
     return out
 
 
-def _segment_wgrad(a: Tensor, g: Tensor, sizes: list[int], offsets: Tensor) -> Tensor:
+def _segment_wgrad(a: Tensor, g: Tensor, segs: _Segments) -> Tensor:
     """``grad[e] = a[seg_e].T @ g[seg_e]`` as one ``[E, a_cols, g_cols]`` tensor (0 if empty)."""
-    if _grouped_ok(a, g):
-        return torch._grouped_mm(a.t(), g, offs=offsets)
-    grad = a.new_empty(len(sizes), a.shape[1], g.shape[1])
+    if segs.sizes is None:
+        return torch._grouped_mm(a.t(), g, offs=segs.offsets)
+    grad = a.new_empty(len(segs.sizes), a.shape[1], g.shape[1])
     start = 0
-    for e, n in enumerate(sizes):
+    for e, n in enumerate(segs.sizes):
         if n:
             torch.mm(a[start : start + n].t(), g[start : start + n], out=grad[e])
             start += n
@@ -143,18 +161,18 @@ def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
 
 class _SegmentFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3):
+    def forward(ctx, x, counts, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3):
         dtype = x.dtype
         glu = activation == "swiglu"
-        offsets = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
         with torch.autocast(x.device.type, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)
             w1c, w2c, w3c = cast(w1), cast(w2), cast(w3)
-            h1 = _segment_mm(x, w1c, sizes, offsets)
+            segs = _segments(counts, x, w1c, w2c)
+            h1 = _segment_mm(x, w1c, segs)
             if b1 is not None:
                 h1 += cast(b1).index_select(0, expert_idx)
             if glu:
-                h3 = _segment_mm(x, w3c, sizes, offsets)
+                h3 = _segment_mm(x, w3c, segs)
                 if b3 is not None:
                     h3 += cast(b3).index_select(0, expert_idx)
                 h = F.silu(h1) * h3
@@ -162,13 +180,13 @@ class _SegmentFFN(torch.autograd.Function):
                 h3 = None
                 h = activate(h1, activation)
             rw = None if row_weight is None else row_weight.to(dtype).unsqueeze(1)
-            y = _segment_mm(h if rw is None else h * rw, w2c, sizes, offsets)
+            y = _segment_mm(h if rw is None else h * rw, w2c, segs)
             b2c = None if b2 is None else cast(b2)
             if b2 is not None:
                 rows = b2c.index_select(0, expert_idx)
                 y += rows if rw is None else rows * rw
-        ctx.save_for_backward(x, expert_idx, h1, h3, w1c, w2c, w3c, rw, b2c, offsets)
-        ctx.sizes, ctx.activation = sizes, activation
+        ctx.save_for_backward(x, expert_idx, h1, h3, w1c, w2c, w3c, rw, b2c, segs.offsets)
+        ctx.sizes, ctx.activation = segs.sizes, activation
         ctx.param_dtypes = [None if t is None else t.dtype for t in (w1, w2, w3, b1, b2, b3)]
         ctx.row_weight_dtype = None if row_weight is None else row_weight.dtype
         return y
@@ -176,9 +194,9 @@ class _SegmentFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, expert_idx, h1, h3, w1, w2, w3, rw, b2, offsets = ctx.saved_tensors
-        sizes, activation = ctx.sizes, ctx.activation
-        E = len(sizes)
-        # inputs: (x, sizes, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
+        segs, activation = _Segments(offsets, ctx.sizes), ctx.activation
+        E = w1.shape[0]
+        # inputs: (x, counts, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3)
         need = ctx.needs_input_grad
         with torch.autocast(x.device.type, enabled=False):
             gy = gy.to(x.dtype).contiguous()
@@ -187,10 +205,10 @@ class _SegmentFFN(torch.autograd.Function):
             h = s1 * h3 if glu else activate(h1, activation)
             grads = [None] * 11
             if need[6]:
-                grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, sizes, offsets)
+                grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, segs)
             if need[9]:
                 grads[9] = _bias_grad(gy if rw is None else gy * rw, expert_idx, E)
-            gh = _segment_mm(gy, w2, sizes, offsets, transpose_w=True)  # d loss / d (rw * h)
+            gh = _segment_mm(gy, w2, segs, transpose_w=True)  # d loss / d (rw * h)
             if rw is not None:
                 if need[4]:
                     g_rw = (gh * h).sum(1)
@@ -207,17 +225,17 @@ class _SegmentFFN(torch.autograd.Function):
                 g1 = _act_backward(gh, h1, activation)
             del gh
             if need[5]:
-                grads[5] = _segment_wgrad(x, g1, sizes, offsets)
+                grads[5] = _segment_wgrad(x, g1, segs)
             if need[8]:
                 grads[8] = _bias_grad(g1, expert_idx, E)
             if glu and need[7]:
-                grads[7] = _segment_wgrad(x, g3, sizes, offsets)
+                grads[7] = _segment_wgrad(x, g3, segs)
             if glu and need[10]:
                 grads[10] = _bias_grad(g3, expert_idx, E)
             if need[0]:
-                gx = _segment_mm(g1, w1, sizes, offsets, transpose_w=True)
+                gx = _segment_mm(g1, w1, segs, transpose_w=True)
                 if glu:
-                    _segment_mm(g3, w3, sizes, offsets, transpose_w=True, accumulate=gx)
+                    _segment_mm(g3, w3, segs, transpose_w=True, accumulate=gx)
                 grads[0] = gx
         for i, dtype in zip(range(5, 11), ctx.param_dtypes):
             if grads[i] is not None:
