@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from xmoe.distributed import (
     make_context,
     use_global_router_stats,
 )
+from xmoe.distributed.groups import free_local_port, init_local_gloo
 from xmoe.train import train
 
 pytestmark = pytest.mark.dist
@@ -42,12 +41,6 @@ D, H, E = 16, 8, 4
 TOL = 1e-5  # fp32: only summation order differs from the single-process layer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, *args, nprocs: int = WORLD, timeout_s: float = 120.0) -> None:
     """Run ``fn(rank, port, *args)`` in ``nprocs`` processes. Forked (where available) from this
     process, whose torch / xmoe imports they inherit: a fresh interpreter pays ~5 s of imports
@@ -55,7 +48,7 @@ def _spawn(fn, *args, nprocs: int = WORLD, timeout_s: float = 120.0) -> None:
     (e.g. ranks disagreeing on a collective) fails the test after ``timeout_s``."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     context = mp.start_processes(
-        fn, args=(_free_port(), *args), nprocs=nprocs, join=False, start_method=method
+        fn, args=(free_local_port(), *args), nprocs=nprocs, join=False, start_method=method
     )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=0.5):
@@ -66,14 +59,7 @@ def _spawn(fn, *args, nprocs: int = WORLD, timeout_s: float = 120.0) -> None:
 
 
 def _init(rank: int, port: int, world: int = WORLD) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    init_local_gloo(rank, world, port, timeout_s=120)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +444,7 @@ def _cli_worker(rank: int, port: int, root: str, out: str, port2: int) -> None:
 
 def test_torchrun_style_launch_through_the_cli(runs, tmp_path, capfd):
     shutil.copytree(runs / "single" / "data", runs / "cli_ep2" / "data")
-    _spawn(_cli_worker, str(runs), str(tmp_path), _free_port())
+    _spawn(_cli_worker, str(runs), str(tmp_path), free_local_port())
     for rank in range(WORLD):
         first, initialised_after, second = json.loads((tmp_path / f"cli{rank}.json").read_text())
         assert first == 0 and not initialised_after  # the trainer destroys the group it made

@@ -24,11 +24,9 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -67,11 +65,13 @@ def run_comm_bench(
         warmup=warmup,
         seed=seed,
     )
+    from ..distributed.groups import free_local_port
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         mp.start_processes(
             _worker,
-            args=(world_size, _free_port(), args, str(out)),
+            args=(world_size, free_local_port(), args, str(out)),
             nprocs=world_size,
             join=True,
             start_method="spawn",
@@ -79,23 +79,12 @@ def run_comm_bench(
         return json.loads(out.read_text())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=300),
-    )
+    from ..distributed.groups import init_local_gloo
+
+    init_local_gloo(rank, world, port)
     try:
         rows = measure_in_group(rank, world, **args)
         if rank == 0:

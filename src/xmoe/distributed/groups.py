@@ -15,7 +15,9 @@ World of ``W`` ranks, EP size ``P`` (``W % P == 0``), ``D = W / P`` replicas of 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -161,3 +163,26 @@ def run_on_main(ctx: ParallelContext, fn) -> None:
         raise error
     if message[0] is not None:
         raise ValueError(message[0])
+
+
+def free_local_port() -> int:
+    """A free TCP port on 127.0.0.1, for a local process group (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_local_gloo(rank: int, world_size: int, port: int, timeout_s: float = 300) -> None:
+    """Join a gloo group on 127.0.0.1:``port`` with one intra-op thread per rank.
+
+    The CPU-only multi-process setup of the tests and ``xmoe.bench.comm``; torchrun runs use
+    ``init_parallel``.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
