@@ -223,3 +223,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A tiny GPT (2 layers, d_model 16, 4 experts x 8) as config overrides, shared by the
+# train/CLI/distributed tests; each adds its own train.* settings.
+TINY_MODEL = [
+    "model.vocab_size=300",
+    "data.vocab_size=300",
+    "model.block_size=16",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=16",
+    "model.d_ff=32",
+    "model.moe.num_experts=4",
+    "model.moe.d_expert=8",
+]

@@ -8,21 +8,14 @@ import pytest
 from safetensors.torch import load_file
 
 import xmoe.train.trainer as trainer_mod
+from conftest import TINY_MODEL
 from xmoe.cli import main
 from xmoe.config import load_config
 from xmoe.data import shakespeare_documents
 from xmoe.train import train
 
 TINY = [
-    "model.vocab_size=300",
-    "data.vocab_size=300",
-    "model.block_size=16",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.d_model=16",
-    "model.d_ff=32",
-    "model.moe.num_experts=4",
-    "model.moe.d_expert=8",
+    *TINY_MODEL,
     "train.batch_size=4",
     "train.eval_batch_size=8",
     "train.eval_tokens=256",

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import TINY_MODEL
 from xmoe import MoE
 from xmoe.config import load_config
 from xmoe.data import shakespeare_documents
@@ -229,15 +230,7 @@ def test_comm_bench_counts_fewer_bytes_for_fewer_experts_per_token(layer_results
 # --------------------------------------------------------------------------------------------
 
 TINY = [
-    "model.vocab_size=300",
-    "data.vocab_size=300",
-    "model.block_size=16",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.d_model=16",
-    "model.d_ff=32",
-    "model.moe.num_experts=4",
-    "model.moe.d_expert=8",
+    *TINY_MODEL,
     "model.moe.router=topk",
     "model.moe.router_options={k: 2}",
     "train.batch_size=8",
