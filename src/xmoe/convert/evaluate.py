@@ -232,24 +232,11 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> None:
                     continue
                 x = [p[0] for p in pts]
                 label = f"{split}, {router}"
-                axes[0][col].plot(
-                    x,
-                    [p[1] for p in pts],
-                    style,
-                    marker="o",
-                    ms=3,
-                    color=colors[split],
-                    label=label,
-                )
-                axes[1][col].plot(
-                    x,
-                    [p[2] for p in pts],
-                    style,
-                    marker="o",
-                    ms=3,
-                    color=colors[split],
-                    label=label,
-                )
+                for row in (0, 1):  # row 0: cosine, row 1: top-1 agreement
+                    y = [p[row + 1] for p in pts]
+                    axes[row][col].plot(
+                        x, y, style, marker="o", ms=3, color=colors[split], label=label
+                    )
         ax = axes[0][col]
         ax.set_title(f"E = {e}")
         ax.plot([0.3, 0.3], [0.95, 1.0], ":", color="k", lw=1)
