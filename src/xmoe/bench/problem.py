@@ -8,6 +8,7 @@ The router itself is not timed: it is identical for every variant.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -95,15 +96,7 @@ def build_problem(spec: ProblemSpec, router_scale: float | None = None) -> Probl
     if router_scale is None:
         router_scale = 1.0 if target is None else _scale_for_target(route, target)
     routing = route(router_scale)
-    routing = Routing(
-        token_idx=routing.token_idx,
-        expert_idx=routing.expert_idx,
-        weight=routing.weight.detach(),
-        rank=routing.rank,
-        score=routing.score,
-        num_tokens=routing.num_tokens,
-        num_experts=routing.num_experts,
-    )
+    routing = dataclasses.replace(routing, weight=routing.weight.detach(), losses={}, extras={})
     topk_idx = topk_weight = None
     if name == "topk":
         k = options["k"]
