@@ -238,3 +238,21 @@ TINY_MODEL = [
     "model.moe.num_experts=4",
     "model.moe.d_expert=8",
 ]
+
+# TINY_MODEL plus the train settings of a seconds-long CLI run.
+TINY = [
+    *TINY_MODEL,
+    "train.batch_size=4",
+    "train.eval_batch_size=8",
+    "train.eval_tokens=256",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+]
+
+
+def sets(*items: str) -> list[str]:
+    """``--set`` arguments for TINY plus ``items``."""
+    out = []
+    for item in (*TINY, *items):
+        out += ["--set", item]
+    return out

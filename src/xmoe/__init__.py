@@ -1,8 +1,8 @@
 """xmoe: sparse Mixture-of-Experts for PyTorch, with XMoE's small experts and threshold router."""
 
-from .dispatch import apply_capacity, expert_capacity
-from .experts import Experts
-from .layer import MoE
+from .moe.dispatch import apply_capacity, expert_capacity
+from .moe.experts import Experts
+from .moe.layer import MoE
 from .routing import (
     Router,
     Routing,

@@ -109,9 +109,9 @@ def measure_in_group(
     ranks (what each spawned process of :func:`run_comm_bench` runs). Rows on every rank."""
     import torch.distributed as dist
 
-    from ..dispatch import permute, plan_dispatch
     from ..distributed import ExpertParallelMoE, all_to_all, exchange_counts
-    from ..layer import MoE
+    from ..moe.dispatch import permute, plan_dispatch
+    from ..moe.layer import MoE
     from .problem import parse_router
 
     gen = torch.Generator().manual_seed(seed)

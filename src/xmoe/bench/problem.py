@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..experts import Experts
+from ..moe.experts import Experts
 from ..routing import Routing, make_router
 
 # Router specs: "top2", "t0.5" (threshold router at t = 0.5, default init), or "t0.9@1.5"

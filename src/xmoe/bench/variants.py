@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import permute, plan_dispatch, unpermute
-from ..experts import Experts
+from ..moe.dispatch import permute, plan_dispatch, unpermute
+from ..moe.experts import Experts
 from .problem import Problem
 
 XMOE_BACKENDS = ("segment", "grouped_mm", "loop")
@@ -142,7 +142,7 @@ def _capacity(problem: Problem, x, w1, w2, w3, capacity_factor: float | None) ->
 
 
 def _xmoe(problem: Problem, x, experts: Experts, dtype: torch.dtype, backend: str):
-    from ..experts import grouped_mm_supported
+    from ..moe.experts import grouped_mm_supported
 
     if backend == "grouped_mm" and not grouped_mm_supported(dtype, x.shape[1], experts.d_expert):
         return None

@@ -8,7 +8,7 @@ experts whose partial outputs sum to the dense output exactly (up to float summa
 
 Per token, :class:`ConvertedFFN` keeps the smallest set of experts whose *share* reaches the
 threshold ``t`` and computes only those (gather kept (token, expert) pairs, sort by expert, one
-GEMM per segment: :mod:`xmoe.dispatch` + :class:`xmoe.Experts`). Kept experts are not reweighted:
+GEMM per segment: :mod:`xmoe.moe.dispatch` + :class:`xmoe.Experts`). Kept experts are not reweighted:
 each is exactly its slice of neurons, so ``t = 1`` reproduces the dense FFN.
 
 The share comes from one of three modes (switchable at run time, :meth:`ConvertedFFN.set_mode`):
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import permute, plan_dispatch
-from ..experts import Experts
+from ..moe.dispatch import permute, plan_dispatch
+from ..moe.experts import Experts
 from ..routing.base import Routing, pairs_from_sorted
 from ..routing.selection import threshold_keep
 

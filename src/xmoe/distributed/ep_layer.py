@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from ..dispatch import DispatchPlan, permute, unpermute
-from ..experts import Experts
-from ..layer import MoE
+from ..moe.dispatch import DispatchPlan, permute, unpermute
+from ..moe.experts import Experts
+from ..moe.layer import MoE
 from ..routing import Routing
 from ..routing.base import LinearRouter
 from .collectives import all_reduce_sum, all_to_all, exchange_counts

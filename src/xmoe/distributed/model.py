@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layer import MoE
+from ..moe.layer import MoE
 from .ep_layer import ExpertParallelMoE, use_global_router_stats
 from .groups import ParallelContext
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..experts import Experts
-from ..layer import MoE
+from ..moe.experts import Experts
+from ..moe.layer import MoE
 from ..routing import Routing, make_router, router_class
 from ..routing.base import _check_int
 

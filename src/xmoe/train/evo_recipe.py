@@ -3,7 +3,7 @@
 Phase 1 (steps < ``diversify_step``): every MoE layer holds a single expert of width d_expert
 (router: top-1 over one expert, so the layer is that expert). At ``diversify_step`` each layer is
 replaced by the configured MoE (``model.moe``, typically router ``dts``) whose experts are masked
-copies of the trained expert (:func:`xmoe.evo.diversify_experts`), and the optimizer is rebuilt,
+copies of the trained expert (:func:`xmoe.moe.evo.diversify_experts`), and the optimizer is rebuilt,
 keeping the state of every parameter that survives.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import RunConfig
-from ..layer import MoE
 from ..models.gpt import GPT, build_moe
+from ..moe.layer import MoE
+from .config import RunConfig
 
 
 @dataclass
@@ -58,7 +58,7 @@ class EvoRecipe:
 
     def diversify(self, model: GPT) -> None:
         """Phase 2: replace each single-expert layer by the configured MoE of masked copies."""
-        from ..evo import diversify_experts
+        from ..moe.evo import diversify_experts
 
         for i, block in enumerate(model.blocks):
             if isinstance(block.ffn, MoE) and block.ffn.num_experts == 1:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from ..config import RunConfig
 from ..data.dataset import TokenData, prepare_data
 from ..models.gpt import GPT, routing_summary
 from .checkpoint import (
@@ -29,6 +28,7 @@ from .checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from .config import RunConfig
 from .evaluate import evaluate
 from .evo_recipe import EvoRecipe, build_model, carry_optimizer_state
 from .schedule import lr_at

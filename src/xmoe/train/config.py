@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .models.gpt import GPTConfig
+from ..models.gpt import GPTConfig
 
 
 @dataclass

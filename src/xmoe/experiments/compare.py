@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from ..train.config import load_config
 
 # Named variants: overrides of model.moe (dotted keys relative to model.moe). A plain router
 # name not listed here runs that router with its defaults.
@@ -97,7 +97,7 @@ def run_comparison(
     progress: bool = True,
     command: str = "",
 ) -> list[dict]:
-    from .train import train
+    from ..train import train
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

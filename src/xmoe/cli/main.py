@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live with their feature: each module adds parsers whose
     # ``handler`` default is the command function (heavy imports stay inside the handler).
-    from .convert.cli import add_parsers as add_convert_parsers
+    from .convert import add_parsers as add_convert_parsers
 
     add_convert_parsers(sub)
     return p
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from ..train import train
+    from ..train.config import load_config
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides)
@@ -198,10 +198,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def _load_run(run_dir: Path, overrides: list[str]):
-    from .config import load_config
-    from .train import find_checkpoint, load_data, load_weights
-    from .train.evo_recipe import build_model
-    from .train.trainer import checkpoint_step
+    from ..train import find_checkpoint, load_data, load_weights
+    from ..train.config import load_config
+    from ..train.evo_recipe import build_model
+    from ..train.trainer import checkpoint_step
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -217,7 +217,7 @@ def _load_run(run_dir: Path, overrides: list[str]):
 
 
 def _eval(args) -> int:
-    from .sweep import DEFAULT_RENORMALIZE, check_threshold, parse_thresholds
+    from ..experiments.threshold_sweep import DEFAULT_RENORMALIZE, check_threshold, parse_thresholds
 
     run_dir = Path(args.run_dir)
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -241,8 +241,8 @@ def _eval(args) -> int:
 
 
 def _threshold_overrides(run_dir: Path, threshold: float, renormalize: bool) -> list[str]:
-    from .config import load_config
-    from .sweep import threshold_overrides
+    from ..experiments.threshold_sweep import threshold_overrides
+    from ..train.config import load_config
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -251,7 +251,7 @@ def _threshold_overrides(run_dir: Path, threshold: float, renormalize: bool) -> 
 
 
 def _evaluate_run(run_dir: Path, overrides: list[str], args) -> dict:
-    from .train import evaluate
+    from ..train import evaluate
 
     cfg, model, data = _load_run(run_dir, overrides)
     return evaluate(model, data, args.batch_size or cfg.train.eval_batch_size, args.max_tokens)
@@ -260,7 +260,7 @@ def _evaluate_run(run_dir: Path, overrides: list[str], args) -> dict:
 def _sweep(args, run_dir: Path, thresholds: list[float]) -> int:
     from tqdm import tqdm
 
-    from .sweep import markdown_table, write_sweep
+    from ..experiments.threshold_sweep import markdown_table, write_sweep
 
     settings = [(t, r) for r in (False, True) for t in thresholds]
     if args.renormalize is not None:
@@ -307,7 +307,7 @@ def _generate(args) -> int:
 
 
 def _routers(args) -> int:
-    from .routing import available_routers
+    from ..routing import available_routers
 
     routers = available_routers()
     width = max(map(len, routers))
@@ -319,8 +319,8 @@ def _routers(args) -> int:
 def _compare(args) -> int:
     import shlex
 
-    from .compare import VARIANTS, run_comparison, variant_overrides
-    from .config import load_config
+    from ..experiments.compare import VARIANTS, run_comparison, variant_overrides
+    from ..train.config import load_config
 
     if args.list:
         for name, spec in VARIANTS.items():
@@ -331,7 +331,7 @@ def _compare(args) -> int:
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    from .models import GPT
+    from ..models import GPT
 
     for name in names:  # validate every variant (config and router options) before training
         GPT(load_config(args.config, [*args.overrides, *variant_overrides(name)]).model)
@@ -345,7 +345,7 @@ def _compare(args) -> int:
         progress=not args.no_progress,
         command=command,
     )
-    from .compare import markdown_table
+    from ..experiments.compare import markdown_table
 
     print(markdown_table(rows))
     print(f"results: {Path(args.out) / 'results.md'} and results.json")
@@ -357,14 +357,14 @@ def _bench(args) -> int:
 
     import torch
 
-    from .bench.suite import run_suite
+    from ..bench.suite import run_suite
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.profile:
-        from .bench.suite import profile_target
+        from ..bench.suite import profile_target
 
         print(profile_target())
         return 0
@@ -372,7 +372,7 @@ def _bench(args) -> int:
     result = run_suite(args.quick, Path(args.out), not args.no_progress, command)
     print(_ratio_table(result))
     if args.comm:
-        from .bench.comm import format_table, run_comm_bench
+        from ..bench.comm import format_table, run_comm_bench
 
         rows = run_comm_bench()
         print(format_table(rows))

@@ -203,8 +203,8 @@ def _load_base(spec: str):
 
 
 def _convert(args) -> int:
-    from .convert import ConvertConfig, calibration_batches, convert_model, save_converted
-    from .data import calibration_texts
+    from ..convert.convert import ConvertConfig, calibration_batches, convert_model, save_converted
+    from ..convert.data import calibration_texts
 
     cfg = ConvertConfig(
         num_experts=args.experts,
@@ -244,8 +244,8 @@ def _convert(args) -> int:
         "batches": len(batches),
     }
     if args.finetune_steps:
-        from .convert import set_threshold
-        from .finetune import distill
+        from ..convert.convert import set_threshold
+        from ..convert.finetune import distill
 
         manifest["finetune"] = distill(
             model,
@@ -285,7 +285,7 @@ def _eval_rows(
 ):
     from tqdm.auto import tqdm
 
-    from .evaluate import evaluate_point, measure_speedup
+    from ..convert.evaluate import evaluate_point, measure_speedup
 
     rows = []
     points = [(r, t) for r in routers for t in thresholds]
@@ -299,8 +299,8 @@ def _eval_rows(
 
 
 def _eval_corpus(tok, n_shakespeare: int, n_stdlib: int):
-    from .data import heldout_sentences
-    from .evaluate import sentence_batches
+    from ..convert.data import heldout_sentences
+    from ..convert.evaluate import sentence_batches
 
     sents, info = heldout_sentences(n_shakespeare, n_stdlib)
     if len(sents) < 2:
@@ -317,7 +317,7 @@ def _convert_eval(args) -> int:
     _positive("--repeats", args.repeats)
     if args.shakespeare < 0 or args.stdlib < 0:
         raise ValueError("--shakespeare and --stdlib must be >= 0")
-    from .convert import MANIFEST, load_converted
+    from ..convert.convert import MANIFEST, load_converted
 
     d = Path(args.dir)
     if not (d / MANIFEST).is_file():
@@ -325,7 +325,7 @@ def _convert_eval(args) -> int:
     _setup_threads(args.threads)
     import torch
 
-    from .evaluate import environment, format_table
+    from ..convert.evaluate import environment, format_table
 
     model, tok, manifest = load_converted(d)
     if tok is None:
@@ -384,8 +384,8 @@ def _convert_eval(args) -> int:
 def _reference_embeddings(model, manifest, batches, order):
     """Dense embeddings: the base model when it can be loaded (required after fine-tuning),
     else the converted model in dense mode (identical to the base up to summation order)."""
-    from .convert import set_mode
-    from .evaluate import embed
+    from ..convert.convert import set_mode
+    from ..convert.evaluate import embed
 
     base = manifest.get("base_model")
     if base:
@@ -409,7 +409,7 @@ def _reference_embeddings(model, manifest, batches, order):
 
 def _convert_sweep(args) -> int:
     experts = _ints("--experts", args.experts)
-    from .split import SPLITS
+    from ..convert.split import SPLITS
 
     splits = _choices("--splits", args.splits, SPLITS)
     routers = _choices("--routers", args.routers, ("learned", "oracle"))
@@ -423,9 +423,14 @@ def _convert_sweep(args) -> int:
     import torch
     from transformers import AutoModel
 
-    from .convert import ConvertConfig, calibration_batches, capture_ffn_inputs, convert_model
-    from .data import calibration_texts
-    from .evaluate import embed, environment, format_table, plot_sweep
+    from ..convert.convert import (
+        ConvertConfig,
+        calibration_batches,
+        capture_ffn_inputs,
+        convert_model,
+    )
+    from ..convert.data import calibration_texts
+    from ..convert.evaluate import embed, environment, format_table, plot_sweep
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ from conftest import (
     pair_set,
 )
 from xmoe import MoE
-from xmoe.evo import diversify_experts, spawn_moe
-from xmoe.experts import Experts
 from xmoe.models.gpt import DenseFFN
+from xmoe.moe.evo import diversify_experts, spawn_moe
+from xmoe.moe.experts import Experts
 from xmoe.routing import ROUTERS, HashRouter, TopKRouter
 from xmoe.routing.dts import DenseToSparseRouter, anneal
 from xmoe.routing.local_search import PermutationLocalSearch, hungarian_permutation, sinkhorn

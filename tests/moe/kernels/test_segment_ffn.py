@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmoe.experts import Experts
-from xmoe.ops import segment_ffn
+from xmoe.moe.experts import Experts
+from xmoe.moe.kernels.segment_ffn import segment_ffn
 
 ACTS = ["gelu", "relu", "silu", "swiglu"]
 
@@ -109,7 +109,7 @@ def test_grouped_path_keeps_the_segment_sizes_on_the_device():
     """Aligned fp32/bf16 shapes need no host sync; float64 or odd widths fall back to the loop."""
     import sys
 
-    kernel = sys.modules["xmoe.ops.segment_ffn"]
+    kernel = sys.modules["xmoe.moe.kernels.segment_ffn"]
     counts = torch.tensor([3, 0, 5])
     aligned = (torch.randn(8, 16), torch.randn(3, 16, 8), torch.randn(3, 8, 16))
     segs = kernel._segments(counts, *aligned)

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..routing import Router
+from ..routing.base import _check_int
 from .experts import ACTIVATIONS, BACKENDS, Experts
 from .layer import MoE
-from .routing import Router
-from .routing.base import _check_int
 
 MASK_UNITS = ("weight", "hidden")
 
@@ -39,7 +39,7 @@ def diversify_experts(
     """Spawn ``num_experts`` experts from one base expert (EvoMoE's expert-diversify).
 
     Args:
-        experts_or_ffn: the base: an :class:`~xmoe.experts.Experts` with ``num_experts == 1``,
+        experts_or_ffn: the base: an :class:`~xmoe.moe.experts.Experts` with ``num_experts == 1``,
             or a dense FFN module with ``.fc`` (``nn.Linear`` d_model -> d_ff) and ``.proj``
             (``nn.Linear`` d_ff -> d_model) computing ``proj(act(fc(x)))`` (like
             ``xmoe.models.gpt.DenseFFN``; a missing bias becomes a zero bias).

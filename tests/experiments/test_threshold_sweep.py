@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from test_cli import sets
+from conftest import sets
 from xmoe.cli import main
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..routing import Router, Routing, make_router
 from .dispatch import (
     DispatchPlan,
     apply_capacity,
@@ -14,7 +15,6 @@ from .dispatch import (
     unpermute,
 )
 from .experts import Experts
-from .routing import Router, Routing, make_router
 
 
 class MoE(nn.Module):

@@ -8,20 +8,11 @@ import pytest
 from safetensors.torch import load_file
 
 import xmoe.train.trainer as trainer_mod
-from conftest import TINY_MODEL
+from conftest import TINY, sets
 from xmoe.cli import main
-from xmoe.config import load_config
 from xmoe.data import shakespeare_documents
 from xmoe.train import train
-
-TINY = [
-    *TINY_MODEL,
-    "train.batch_size=4",
-    "train.eval_batch_size=8",
-    "train.eval_tokens=256",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-]
+from xmoe.train.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +20,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
     path.write_text(shakespeare_documents()[5].text[:30_000])
     return str(path)
-
-
-def sets(*items):
-    out = []
-    for item in (*TINY, *items):
-        out += ["--set", item]
-    return out
 
 
 def test_train_eval_generate_resume(tmp_path, corpus, capsys):

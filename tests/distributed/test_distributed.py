@@ -24,7 +24,6 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_MODEL
 from xmoe import MoE
-from xmoe.config import load_config
 from xmoe.data import shakespeare_documents
 from xmoe.distributed import (
     ExpertParallelMoE,
@@ -34,6 +33,7 @@ from xmoe.distributed import (
 )
 from xmoe.distributed.groups import free_local_port, init_local_gloo
 from xmoe.train import train
+from xmoe.train.config import load_config
 
 pytestmark = pytest.mark.dist
 

@@ -4,7 +4,7 @@ Expert ``e`` computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; GLU activation
 compute ``silu(x @ w1[e] + b1[e]) * (x @ w3[e] + b3[e]) @ w2[e] + b2[e]``.
 
 Backends (all compute only the rows they are given, i.e. only kept pairs):
-- ``segment``: one hand-written autograd node (:mod:`xmoe.ops.segment_ffn`): per-segment GEMMs
+- ``segment``: one hand-written autograd node (:mod:`xmoe.moe.kernels.segment_ffn`): per-segment GEMMs
   into preallocated buffers, elementwise work batched over all rows, weight gradients written
   straight into stacked buffers. Any dtype, any shape. The fastest on CPU.
 - ``grouped_mm``: ``torch._grouped_mm`` over contiguous segments with int32 offsets, autograd
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.segment_ffn import activate, segment_ffn
-from .routing.base import _check_int
+from ..routing.base import _check_int
+from .kernels.segment_ffn import activate, segment_ffn
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 BACKENDS = ("auto", "segment", "grouped_mm", "loop")

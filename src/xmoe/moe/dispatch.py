@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .routing.base import Routing
+from ..routing.base import Routing
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, num_experts: int) -> int:

@@ -1,0 +1,1 @@
+"""Experiments built on training runs: router comparisons and threshold sweeps."""

@@ -1,0 +1,1 @@
+"""Expert FFN kernels over ragged, expert-sorted rows: the ``segment`` kernel and the native one."""
