@@ -28,7 +28,15 @@ def test_every_variant_matches_the_loop_in_output_and_input_gradient(router):
     grad = torch.randn(SPEC["num_tokens"], SPEC["d_model"])
     ref_out, ref_gx = _run(variants["loop"], grad)
     assert ref_out.abs().sum() > 0 and ref_gx.abs().sum() > 0
-    expected = {"loop", "capacity", "dense", "xmoe[segment]", "xmoe[grouped_mm]", "xmoe[loop]"}
+    expected = {
+        "loop",
+        "capacity",
+        "dense",
+        "xmoe",
+        "xmoe[segment]",
+        "xmoe[grouped_mm]",
+        "xmoe[loop]",
+    }
     assert expected <= set(variants)
     for name, variant in variants.items():
         if name in ("dense", "capacity"):
@@ -80,19 +88,77 @@ def test_bad_router_spec_names_the_accepted_forms(bad):
         parse_router(bad)
 
 
+def test_token_slices_partition_the_routing_and_keep_its_rate():
+    from xmoe.bench.problem import token_slices
+
+    problem = build_problem(ProblemSpec(router="t0.9@1.5", **SPEC))
+    slices = token_slices(problem, 8, 12)
+    assert sum(s.routing.num_pairs for s in slices) == problem.routing.num_pairs
+    for i, s in enumerate(slices):
+        assert s.routing.num_tokens == 8 and s.x.shape == (8, SPEC["d_model"])
+        assert int(s.routing.token_idx.min()) >= 0 and int(s.routing.token_idx.max()) < 8
+        torch.testing.assert_close(s.x, problem.x[8 * i : 8 * (i + 1)])
+    with pytest.raises(ValueError, match="slices of 8 tokens need 104"):
+        token_slices(problem, 8, 13)
+
+
+def test_decode_slices_compute_what_the_full_batch_computes():
+    from xmoe.bench.problem import token_slices
+
+    problem = build_problem(ProblemSpec(router="t0.9@1.5", **SPEC))
+    variants = build_variants(problem, torch.float32, names=["loop", "xmoe"])
+    full = variants["xmoe"].run().detach()
+    inputs = variants["xmoe"].inputs
+    for i, piece in enumerate(token_slices(problem, 4, 24)):
+        inputs.use(piece, torch.float32)
+        for name in ("loop", "xmoe"):
+            out = variants[name].run().detach()
+            torch.testing.assert_close(out, full[4 * i : 4 * (i + 1)], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_probe_grows_with_the_kept_pairs():
+    from xmoe.bench.memory import peak_bytes
+
+    spec = dict(d_model=64, num_experts=8, d_expert=64, router="top2")
+    small = peak_bytes(ProblemSpec(num_tokens=2048, **spec), 1.0, "xmoe[segment]", "fp32")
+    large = peak_bytes(ProblemSpec(num_tokens=8192, **spec), 1.0, "xmoe[segment]", "fp32")
+    # Activations and their gradients: about (d + 3h) fp32 values per pair, 4x the pairs.
+    assert small > 0 and large > 2 * small
+
+
 def test_suite_writes_json_with_medians_and_the_headline_ratios(tmp_path):
     from xmoe.bench.suite import TARGETS, Job, run_suite
 
     top2 = ProblemSpec(router="top2", **SPEC)
     thr = ProblemSpec(router="t0.9@1.5", **SPEC)
-    jobs = [Job(top2, reps=2), Job(thr, reps=2, variants=("dense", "xmoe[segment]", "capacity"))]
+    decode = [
+        Job(
+            ProblemSpec(**{**SPEC, "num_tokens": n, "router": router}),
+            dtypes=("fp32",),
+            passes=("fwd",),
+            variants=("dense", "xmoe", "hf_grouped_mm"),
+            reps=2,
+            tags=("decode",),
+            cycle=4,
+            calibrate_tokens=SPEC["num_tokens"],
+        )
+        for n in (1, 8)
+        for router in ("top2", "t0.9@1.5")
+    ]
+    jobs = [
+        Job(top2, reps=2),
+        Job(thr, reps=2, variants=("dense", "xmoe", "capacity")),
+        Job(top2, dtypes=("bf16",), reps=1, variants=("dense", "xmoe", "hf_grouped_mm")),
+        Job(thr, dtypes=("bf16",), reps=1, passes=("fwd+bwd",), variants=("dense", "xmoe")),
+        *decode,
+    ]
     result = run_suite(
         True,
         tmp_path,
         progress=False,
         command="test",
         jobs=jobs,
-        memory_probes=[(top2, "xmoe[segment]")],
+        memory_probes=[(top2, "xmoe")],
         target=(top2, thr),
     )
     data = json.loads(next(tmp_path.glob("bench-quick-*.json")).read_text())
@@ -101,9 +167,14 @@ def test_suite_writes_json_with_medians_and_the_headline_ratios(tmp_path):
     assert all(v > 0 for v in data["ratios"].values())
     assert data["met"].keys() == TARGETS.keys()
     keys = {(r["variant"], r["config"], r["dtype"], r["pass_"]) for r in data["results"]}
-    assert ("xmoe[segment]", top2.key, "fp32", "fwd+bwd") in keys
+    assert ("xmoe", top2.key, "fp32", "fwd+bwd") in keys
     assert ("loop", top2.key, "fp32", "fwd") in keys
-    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in data["results"])
-    assert data["memory"][0]["peak_mib"] >= 0
+    assert all(r["median_ms"] > 0 for r in data["results"])
+    assert all(len(r["times_ms"]) == (1 if r["dtype"] == "bf16" else 2) for r in data["results"])
+    assert data["memory"][0]["variant"] == "xmoe" and data["memory"][0]["peak_mib"] > 0
+    decode_rows = [r for r in data["results"] if "decode" in r["tags"]]
+    assert {r["spec"]["num_tokens"] for r in decode_rows} == {1, 8}
+    assert {"fp32 fwd", "fp32 fwd+bwd"} <= set(data["gflops"])
+    assert data["meta"]["cpu_flags"] == sorted(data["meta"]["cpu_flags"])
     assert "threshold_vs_top2" in next(tmp_path.glob("*.md")).read_text()
     assert result["files"][0].endswith(".json")

@@ -14,12 +14,11 @@ Rows a rank keeps for its own experts are not counted as sent. The router specs 
 (threshold router with its logits scaled until the global mean is 1.5 experts/token, the
 regime of a trained threshold router).
 
-``python -m xmoe.bench.comm`` prints the table (``--help`` for the sizes).
+``xmoe bench --comm`` runs it after the suite, prints the table and saves the rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .._io import markdown_table
 
 ROUTERS = ("top2", "t0.9", "t0.9@1.5")
 
@@ -221,57 +222,29 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     ref = rows[0]
-    lines = [
-        "| router | experts/token | rows sent / rank (fwd) | MB sent / rank / step (fwd+bwd) "
-        f"| vs {ref['router']} | all-to-all fwd ms | vs {ref['router']} | layer fwd+bwd ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    rel = [
+        {
+            **r,
+            "mb": r["bytes_sent_per_step"] / 1e6,
+            "bytes_rel": r["bytes_sent_per_step"] / ref["bytes_sent_per_step"],
+            "a2a_rel": r["a2a_fwd_ms"] / ref["a2a_fwd_ms"],
+        }
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['router']} | {r['experts_per_token']:.2f} | {r['rows_sent_fwd']:.0f} "
-            f"| {r['bytes_sent_per_step'] / 1e6:.2f} "
-            f"| {r['bytes_sent_per_step'] / ref['bytes_sent_per_step']:.2f} "
-            f"| {r['a2a_fwd_ms']:.2f} | {r['a2a_fwd_ms'] / ref['a2a_fwd_ms']:.2f} "
-            f"| {r['layer_fwd_bwd_ms']:.1f} |"
-        )
+    columns = [
+        ("router", "router", "{}"),
+        ("experts_per_token", "experts/token", "{:.2f}"),
+        ("rows_sent_fwd", "rows sent / rank (fwd)", "{:.0f}"),
+        ("mb", "MB sent / rank / step (fwd+bwd)", "{:.2f}"),
+        ("bytes_rel", f"vs {ref['router']}", "{:.2f}"),
+        ("a2a_fwd_ms", "all-to-all fwd ms", "{:.2f}"),
+        ("a2a_rel", f"vs {ref['router']}", "{:.2f}"),
+        ("layer_fwd_bwd_ms", "layer fwd+bwd ms", "{:.1f}"),
+    ]
     e = rows[0]
-    lines.append(
+    return markdown_table(rel, columns) + (
         f"\n{e['world_size']} {e['backend']} ranks, {e['tokens_per_rank']} tokens/rank, "
         f"d_model {e['d_model']}, {e['num_experts']} experts x {e['d_expert']} (swiglu), "
         f"{e['dtype']}, {e['threads_per_rank']} thread/rank, torch {e['torch']}, "
         f"median of {e['reps']}"
     )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m xmoe.bench.comm",
-        description="Expert-parallel all-to-all: bytes and time, top-2 vs threshold (gloo, CPU)",
-    )
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--d-expert", type=int, default=128)
-    p.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated router specs")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--json", help="also write the rows to this JSON file")
-    a = p.parse_args(argv)
-    rows = run_comm_bench(
-        num_tokens=a.tokens,
-        d_model=a.d_model,
-        num_experts=a.experts,
-        d_expert=a.d_expert,
-        routers=tuple(r.strip() for r in a.routers.split(",") if r.strip()),
-        world_size=a.world_size,
-        reps=a.reps,
-    )
-    print(format_table(rows))
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -116,3 +116,34 @@ def _scale_for_target(route, target: float, iters: int = 40) -> float:
         else:
             hi = mid
     return math.exp((lo + hi) / 2)
+
+
+def token_slices(problem: Problem, size: int, count: int) -> list[Problem]:
+    """``count`` consecutive ``size``-token slices of ``problem``, each with its own routing.
+
+    The decode benchmark calibrates the router on a large batch (so that a threshold router
+    averages 1.5 experts/token the way a trained one does) and then cycles through small slices
+    of it: one token alone uses 1, 2 or more experts, and only the cycle averages to the
+    calibrated rate.
+    """
+    if size * count > problem.spec.num_tokens:
+        raise ValueError(
+            f"{count} slices of {size} tokens need {size * count} tokens, "
+            f"the problem has {problem.spec.num_tokens}"
+        )
+    out = []
+    r = problem.routing
+    for i in range(count):
+        lo, hi = i * size, (i + 1) * size
+        keep = (r.token_idx >= lo) & (r.token_idx < hi)
+        sub = r.select(keep)
+        sub = dataclasses.replace(sub, token_idx=sub.token_idx - lo, num_tokens=size)
+        topk_idx = None if problem.topk_idx is None else problem.topk_idx[lo:hi]
+        topk_w = None if problem.topk_weight is None else problem.topk_weight[lo:hi]
+        spec = dataclasses.replace(problem.spec, num_tokens=size)
+        out.append(
+            Problem(
+                spec, problem.x[lo:hi], sub, problem.experts, topk_idx, topk_w, problem.router_scale
+            )
+        )
+    return out

@@ -1,18 +1,16 @@
-"""The benchmark suite behind ``xmoe bench``: interleaved timing, ratios, JSON, table, plot.
+"""The benchmark suite behind ``xmoe bench``: the plan, interleaved timing, the result file.
 
 Method (DESIGN.md): every figure is the median of ``reps`` timed runs after ``warmup`` runs, and
 the variants of one configuration are interleaved run by run (the order rotates each repeat), so
-a noisy neighbour slows every variant alike and the in-run ratios stay meaningful.
+a noisy neighbour slows every variant alike and the in-run ratios stay meaningful. Ratios, the
+markdown and the plot are in :mod:`xmoe.bench.report`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,31 +18,38 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .._io import atomic_write
 from .memory import peak_bytes
-from .problem import ProblemSpec, build_problem
+from .problem import ProblemSpec, build_problem, token_slices
+from .profile import profile_target
+from .report import TARGETS, XMOE, environment, markdown, meets, plot, target_ratios
 from .variants import build_variants
+
+__all__ = ["TARGETS", "XMOE", "Job", "plan", "profile_target", "run_suite", "time_job"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
-# The issue's target: fp32, N = 4096, d = 512, E = 64 experts of width 128.
+# The issue's target: N = 4096, d = 512, E = 64 experts of width 128.
 TARGET = dict(num_tokens=4096, d_model=512, num_experts=64, d_expert=128)
 TARGET_TOP2 = ProblemSpec(router="top2", **TARGET)
 TARGET_THRESHOLD = ProblemSpec(router="t0.9@1.5", **TARGET)
-XMOE = "xmoe[segment]"  # what backend="auto" runs on CPU
+# Decode: forward only at small N, routed as a large batch is (1.5 experts/token on average).
+DECODE_SIZES = (1, 8, 64, 512)
+DECODE_TOKENS = 4096  # the batch the decode slices are cut from
+DECODE_VARIANTS = ("dense", XMOE, "xmoe[segment]", "hf_grouped_mm")
 # The full suite's grid leaves out the slowest references (hf_eager, xmoe[loop]) to stay
 # under ~30 minutes on 2 cores; the target config runs every variant.
 GRID_VARIANTS = ("dense", XMOE, "xmoe[grouped_mm]", "capacity", "loop", "hf_grouped_mm")
-TARGETS = {  # ratio: (comparison, bound)
-    "xmoe_vs_dense": (">=", 0.8),
-    "xmoe_vs_loop": (">=", 5.0),
-    "xmoe_vs_hf_grouped_mm": (">=", 1.0),
-    "threshold_vs_top2": ("<=", 0.8),
-}
 
 
 @dataclass
 class Job:
-    """Time ``variants`` (None: all) on ``spec`` for each dtype and pass."""
+    """Time ``variants`` (None: all) on ``spec`` for each dtype and pass.
+
+    ``cycle > 0`` makes a decode job: the problem is built at ``DECODE_TOKENS`` tokens (or
+    ``calibrate_tokens``) and every repeat runs each variant once on each of ``cycle``
+    consecutive ``spec.num_tokens``-token slices of it; the figure is the mean per call.
+    """
 
     spec: ProblemSpec
     dtypes: tuple[str, ...] = ("fp32",)
@@ -52,24 +57,49 @@ class Job:
     variants: tuple[str, ...] | None = None
     reps: int = 5
     warmup: int = 1
-    tags: tuple[str, ...] = field(default_factory=tuple)  # "target", "sweep_ept", "sweep_n", ...
+    tags: tuple[str, ...] = field(default_factory=tuple)  # "target", "sweep_ept", "decode", ...
+    cycle: int = 0
+    calibrate_tokens: int = DECODE_TOKENS
+
+    def problem_spec(self) -> ProblemSpec:
+        """The spec the problem is built (and the router calibrated) on."""
+        if not self.cycle:
+            return self.spec
+        n = max(self.calibrate_tokens, self.spec.num_tokens * self.cycle)
+        return ProblemSpec(**{**self.spec.__dict__, "num_tokens": n})
 
 
 def plan(quick: bool) -> tuple[list[Job], list[tuple[ProblemSpec, str]]]:
     """The jobs and the (spec, variant) memory probes of the quick or the full suite."""
     main = ("dense", XMOE, "capacity")
+    bf16 = ("dense", XMOE, "xmoe[segment]", "xmoe[grouped_mm]", "hf_grouped_mm")
     jobs = [
         Job(TARGET_TOP2, tags=("target",)),
-        Job(TARGET_THRESHOLD, tags=("target",)),
+        Job(TARGET_THRESHOLD, variants=(*main, "xmoe[segment]"), tags=("target",)),
+        Job(TARGET_TOP2, dtypes=("bf16",), variants=bf16, reps=3, tags=("target", "bf16")),
         Job(
-            TARGET_TOP2,
+            TARGET_THRESHOLD,
             dtypes=("bf16",),
-            passes=("fwd",) if quick else PASSES,
-            variants=("dense", XMOE, "xmoe[grouped_mm]", "hf_grouped_mm"),
-            reps=2,
-            tags=("bf16",),
+            variants=("dense", XMOE),
+            reps=3,
+            tags=("target", "bf16"),
         ),
     ]
+    for n in DECODE_SIZES:
+        for router in ("top2", "t0.9@1.5"):
+            spec = ProblemSpec(**{**TARGET, "num_tokens": n, "router": router})
+            cycle = max(1, min(16, DECODE_TOKENS // n))
+            jobs.append(
+                Job(
+                    spec,
+                    dtypes=("fp32", "bf16"),
+                    passes=("fwd",),
+                    variants=DECODE_VARIANTS,
+                    reps=5,
+                    tags=("decode",),
+                    cycle=cycle,
+                )
+            )
     epts = (1.0, 1.5, 2.0, 3.0, 4.0) if quick else (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
     for ept in epts:
         spec = ProblemSpec(router=f"t0.9@{ept:g}", **TARGET)
@@ -96,18 +126,31 @@ def plan(quick: bool) -> tuple[list[Job], list[tuple[ProblemSpec, str]]]:
 def time_job(job: Job, problem, progress=None) -> list[dict]:
     """Interleaved medians for one job: one row per (variant, dtype, pass)."""
     rows = []
+    slices = token_slices(problem, job.spec.num_tokens, job.cycle) if job.cycle else [None]
+    ept = (
+        sum(s.routing.num_pairs for s in slices) / (job.spec.num_tokens * job.cycle)
+        if job.cycle
+        else problem.experts_per_token
+    )
     grad = torch.randn(job.spec.num_tokens, job.spec.d_model, generator=torch.Generator())
     for dtype in job.dtypes:
         variants = build_variants(problem, DTYPES[dtype], list(job.variants or []) or None)
+        inputs = next(iter(variants.values())).inputs if variants else None
         for pass_ in job.passes:
             times: dict[str, list[float]] = {name: [] for name in variants}
             names = list(variants)
             for rep in range(job.warmup + job.reps):
                 shift = rep % len(names)
-                for name in names[shift:] + names[:shift]:
-                    seconds = _time_once(variants[name], pass_, grad)
+                order = names[shift:] + names[:shift]
+                total = dict.fromkeys(names, 0.0)
+                for piece in slices:
+                    if piece is not None:
+                        inputs.use(piece, DTYPES[dtype])
+                    for name in order:
+                        total[name] += _time_once(variants[name], pass_, grad)
+                for name in names:
                     if rep >= job.warmup:
-                        times[name].append(seconds)
+                        times[name].append(total[name] / len(slices))
                     if progress is not None:
                         progress.update(1)
             for name, ts in times.items():
@@ -116,7 +159,7 @@ def time_job(job: Job, problem, progress=None) -> list[dict]:
                         variant=name,
                         config=job.spec.key,
                         spec=job.spec.__dict__,
-                        experts_per_token=problem.experts_per_token,
+                        experts_per_token=ept,
                         dtype=dtype,
                         pass_=pass_,
                         median_ms=statistics.median(ts) * 1e3,
@@ -129,10 +172,10 @@ def time_job(job: Job, problem, progress=None) -> list[dict]:
 
 
 def _time_once(variant, pass_: str, grad: torch.Tensor) -> float:
-    for p in variant.params:
+    for p in (variant.inputs.x, *variant.params[1:]):
         p.grad = None
     if pass_ == "fwd":
-        with torch.no_grad():
+        with torch.inference_mode():
             start = time.perf_counter()
             variant.run()
             return time.perf_counter() - start
@@ -143,7 +186,7 @@ def _time_once(variant, pass_: str, grad: torch.Tensor) -> float:
 
 
 def _n_runs(job: Job) -> int:
-    n_variants = len(job.variants) if job.variants else 9
+    n_variants = len(job.variants) if job.variants else 10
     return len(job.dtypes) * len(job.passes) * (job.warmup + job.reps) * n_variants
 
 
@@ -171,8 +214,9 @@ def run_suite(
     scales: dict[ProblemSpec, float] = {}
     bar = tqdm(total=sum(map(_n_runs, jobs)), desc="bench", unit="run", disable=not progress)
     for job in jobs:
-        problem = build_problem(job.spec, scales.get(job.spec))
-        scales[job.spec] = problem.router_scale
+        spec = job.problem_spec()
+        problem = build_problem(spec, scales.get(spec))
+        scales[spec] = problem.router_scale
         bar.set_postfix_str(job.spec.key)
         rows += time_job(job, problem, bar)
     bar.close()
@@ -185,236 +229,18 @@ def run_suite(
             memory.append(
                 dict(config=spec.key, spec=spec.__dict__, variant=variant, peak_mib=peak / 2**20)
             )
+    ratios, gflops = target_ratios(rows, *target)
+    meta = environment(quick, command, time.time() - started)
     result = dict(
-        meta=_meta(quick, command, time.time() - started),
-        ratios=target_ratios(rows, *target),
-        targets=TARGETS,
-        results=rows,
-        memory=memory,
+        meta=meta, ratios=ratios, gflops=gflops, targets=TARGETS, results=rows, memory=memory
     )
-    result["met"] = {k: _meets(result["ratios"].get(k), *TARGETS[k]) for k in TARGETS}
+    result["met"] = {k: meets(ratios.get(k), *TARGETS[k]) for k in TARGETS}
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"bench-{'quick' if quick else 'full'}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    _write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
-    _write_atomic(stem.with_suffix(".md"), markdown(result))
+    atomic_write(stem.with_suffix(".json"), json.dumps(result, indent=1))
+    atomic_write(stem.with_suffix(".md"), markdown(result))
     png = plot(result, stem.with_suffix(".png"))
     result["files"] = [str(stem.with_suffix(s)) for s in (".json", ".md")] + (
         [str(png)] if png else []
     )
     return result
-
-
-def _meets(value, op: str, bound: float) -> bool | None:
-    if value is None:
-        return None
-    return value >= bound if op == ">=" else value <= bound
-
-
-def _median(rows, variant, spec: ProblemSpec, dtype="fp32", pass_="fwd+bwd") -> float | None:
-    for r in rows:
-        key = (r["variant"], r["config"], r["dtype"], r["pass_"])
-        if key == (variant, spec.key, dtype, pass_):
-            return r["median_ms"]
-    return None
-
-
-def target_ratios(
-    rows: list[dict], top2: ProblemSpec = TARGET_TOP2, threshold: ProblemSpec = TARGET_THRESHOLD
-) -> dict:
-    """The issue's ratios for the target config (fp32, fwd+bwd). Speed ratios: >1 = xmoe faster."""
-    xmoe = _median(rows, XMOE, top2)
-    out = {}
-    for key, ref in (("dense", "dense"), ("loop", "loop"), ("hf_grouped_mm", "hf_grouped_mm")):
-        t = _median(rows, ref, top2)
-        if xmoe and t:
-            out[f"xmoe_vs_{key}"] = t / xmoe
-    thr = _median(rows, XMOE, threshold)
-    if xmoe and thr:
-        out["threshold_vs_top2"] = thr / xmoe  # a time ratio: < 1 = the threshold layer is cheaper
-    cap_top2 = _median(rows, "capacity", top2)
-    cap_thr = _median(rows, "capacity", threshold)
-    if cap_top2 and cap_thr:
-        out["capacity_threshold_vs_top2"] = cap_thr / cap_top2
-    for dtype in ("bf16",):
-        for pass_ in PASSES:
-            x, d = (_median(rows, v, top2, dtype, pass_) for v in (XMOE, "dense"))
-            if x and d:
-                out[f"{dtype}_{pass_}_xmoe_vs_dense"] = d / x
-            x32 = _median(rows, XMOE, top2, "fp32", pass_)
-            if x and x32:
-                out[f"{dtype}_{pass_}_xmoe_speed_vs_fp32"] = x32 / x
-    return out
-
-
-def _meta(quick: bool, command: str, seconds: float) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
-    return dict(
-        suite="quick" if quick else "full",
-        command=command,
-        date=dt.datetime.now().isoformat(timespec="seconds"),
-        device="cpu",
-        cpu=cpu,
-        cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        cores=os.cpu_count(),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        git_commit=commit,
-        seconds=round(seconds, 1),
-    )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def markdown(result: dict) -> str:
-    """Ratio summary, then one table per (config, dtype, pass) with speed relative to xmoe."""
-    meta = result["meta"]
-    lines = [
-        f"# xmoe bench ({meta['suite']})",
-        "",
-        f"`{meta['command']}` — {meta['date']}, {meta['cpu']} ({meta['cpu_capability']}), "
-        f"{meta['threads']} threads, torch {meta['torch']}, commit {meta['git_commit'][:10]}, "
-        f"{meta['seconds']:.0f} s.",
-        "",
-        "## Target config (fp32, fwd+bwd, N=4096, d=512, E=64 x 128)",
-        "",
-        "| ratio | value | target | met |",
-        "|---|---|---|---|",
-    ]
-    for key, value in result["ratios"].items():
-        op, bound = result["targets"].get(key, ("", None))
-        target = f"{op} {bound:g}" if bound is not None else "-"
-        met = result["met"].get(key)
-        lines.append(f"| {key} | {value:.3f} | {target} | {'-' if met is None else met} |")
-    groups: dict[tuple, list[dict]] = {}
-    for r in result["results"]:
-        key = (r["config"], r["dtype"], r["pass_"], ",".join(r["tags"]))
-        groups.setdefault(key, []).append(r)
-    lines += ["", "## Median times", ""]
-    for (config, dtype, pass_, tags), rows in groups.items():
-        ref = next((r["median_ms"] for r in rows if r["variant"] == XMOE), None)
-        ept = rows[0]["experts_per_token"]
-        lines += [
-            f"**{config}** · {dtype} · {pass_} · {ept:.2f} experts/token · {tags}",
-            "",
-            "| variant | median ms | xmoe speedup | note |",
-            "|---|---|---|---|",
-        ]
-        for r in sorted(rows, key=lambda r: r["median_ms"]):
-            speed = f"{r['median_ms'] / ref:.2f}x" if ref else "-"
-            lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {speed} | {r['note']} |")
-        lines.append("")
-    if result["memory"]:
-        lines += ["## Peak memory, one fp32 fwd+bwd (RSS growth)", ""]
-        lines += ["| config | variant | MiB |", "|---|---|---|"]
-        for m in result["memory"]:
-            lines.append(f"| {m['config']} | {m['variant']} | {m['peak_mib']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> Path | None:
-    """Time vs experts/token and time vs N (fwd+bwd, fp32). None if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, tag, xkey, title in (
-        (axes[0], "sweep_ept", "experts_per_token", "time vs experts/token (N=4096, 64x128)"),
-        (axes[1], "sweep_n", "num_tokens", "time vs tokens (top-2, 64x128)"),
-    ):
-        rows = [r for r in result["results"] if tag in r["tags"]]
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            pts = sorted(
-                (r[xkey] if xkey in r else r["spec"][xkey], r["median_ms"])
-                for r in rows
-                if r["variant"] == variant
-            )
-            ax.plot(*zip(*pts), marker="o", label=variant)
-        ax.set_title(title)
-        ax.set_xlabel(xkey.replace("_", " "))
-        ax.set_ylabel("fwd+bwd median ms (fp32)")
-        ax.grid(alpha=0.3)
-        if rows:
-            ax.legend()
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_yscale("log")
-    meta = result["meta"]
-    fig.suptitle(f"xmoe bench — {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def profile_target(variants=(XMOE, "dense"), reps: int = 3, spec: ProblemSpec = TARGET_TOP2) -> str:
-    """Where the time goes: torch.profiler op totals per fwd+bwd of each variant (markdown).
-
-    Ops are grouped into GEMM (mm/addmm/bmm/grouped_mm), gather/scatter (index_select,
-    index_add/scatter_add, index_copy), elementwise (everything else inside ATen) and Python /
-    dispatch overhead (wall time not inside any ATen op).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    groups = {
-        "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm"),
-        "gather/scatter": (
-            "aten::index_select",
-            "aten::index_add_",
-            "aten::index_add",
-            "aten::scatter_add_",
-            "aten::index_copy",
-            "aten::index",
-            "aten::index_put_",
-        ),
-        "sort/bincount": ("aten::sort", "aten::argsort", "aten::bincount", "aten::cumsum"),
-    }
-    problem = build_problem(spec)
-    grad = torch.randn(spec.num_tokens, spec.d_model)
-    built = build_variants(problem, torch.float32, list(variants))
-    lines = [
-        f"### Profile: {spec.key}, fp32 fwd+bwd, {torch.get_num_threads()} threads, "
-        f"mean of {reps} runs",
-        "",
-        "| variant | wall ms | " + " | ".join(groups) + " | other ATen | outside ATen |",
-        "|---|---|" + "---|" * (len(groups) + 2),
-    ]
-    for name, variant in built.items():
-        for _ in range(2):
-            _time_once(variant, "fwd+bwd", grad)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            wall = sum(_time_once(variant, "fwd+bwd", grad) for _ in range(reps)) / reps
-        totals = dict.fromkeys(groups, 0.0)
-        aten = 0.0
-        for ev in prof.key_averages():
-            if not ev.key.startswith("aten::"):
-                continue
-            aten += ev.self_cpu_time_total
-            for group, ops in groups.items():
-                if ev.key in ops:
-                    totals[group] += ev.self_cpu_time_total
-        ms = {k: v / 1e3 / reps for k, v in totals.items()}
-        other = aten / 1e3 / reps - sum(ms.values())
-        outside = wall * 1e3 - aten / 1e3 / reps
-        cells = " | ".join(f"{v:.1f}" for v in ms.values())
-        lines.append(f"| {name} | {wall * 1e3:.1f} | {cells} | {other:.1f} | {outside:.1f} |")
-    return "\n".join(lines) + "\n"

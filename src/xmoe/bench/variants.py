@@ -26,12 +26,32 @@ from torch import Tensor, nn
 
 from ..moe.dispatch import permute, plan_dispatch, unpermute
 from ..moe.experts import Experts
+from ..routing import Routing
 from .problem import Problem
 
-XMOE_BACKENDS = ("segment", "grouped_mm", "loop")
+# "" is backend="auto" (the variant "xmoe": what a user gets), the others are forced.
+XMOE_BACKENDS = ("", "native", "segment", "grouped_mm", "loop")
 HF_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 # hf_batched_mm is skipped above this much gathered weight (the target config would need 6 GiB).
 BATCHED_MM_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class Inputs:
+    """What a variant reads at each call: tokens and their routing. Shared by all the variants
+    of one :func:`build_variants` call; the decode benchmark swaps them between calls to cycle
+    through different tokens with the same weights."""
+
+    x: Tensor  # [N, d] in the variant dtype (a leaf that requires grad)
+    routing: Routing
+    topk_idx: Tensor | None
+    topk_weight: Tensor | None
+
+    def use(self, problem: Problem, dtype: torch.dtype) -> None:
+        """Point at ``problem``'s tokens and routing (same shapes of weights)."""
+        self.x = _leaf(problem.x, dtype)
+        self.routing, self.topk_idx = problem.routing, problem.topk_idx
+        self.topk_weight = problem.topk_weight
 
 
 @dataclass
@@ -40,6 +60,7 @@ class Variant:
     run: Callable[[], Tensor]
     params: list[Tensor] = field(default_factory=list)  # leaves to clear between runs
     note: str = ""
+    inputs: Inputs | None = None
 
 
 def _leaf(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -53,16 +74,19 @@ def build_variants(
     capacity_factor: float | None = None,
 ) -> dict[str, Variant]:
     """All applicable variants (or those in ``names``) in ``dtype`` for ``problem``."""
-    x = _leaf(problem.x, dtype)
+    inp = Inputs(_leaf(problem.x, dtype), problem.routing, problem.topk_idx, problem.topk_weight)
     ex = problem.experts
     w1, w2, w3 = (_leaf(getattr(ex, n), dtype) for n in ("w1", "w2", "w3"))
     builders = {
-        "dense": lambda: _dense(problem, x, dtype),
-        "loop": lambda: _loop(problem, x, w1, w2, w3),
-        "capacity": lambda: _capacity(problem, x, w1, w2, w3, capacity_factor),
-        **{f"xmoe[{b}]": (lambda b=b: _xmoe(problem, x, ex, dtype, b)) for b in XMOE_BACKENDS},
+        "dense": lambda: _dense(problem, inp, dtype),
+        "loop": lambda: _loop(problem, inp, w1, w2, w3),
+        "capacity": lambda: _capacity(problem, inp, w1, w2, w3, capacity_factor),
         **{
-            f"hf_{impl}": (lambda impl=impl: _hf(problem, x, w1, w2, w3, impl))
+            f"xmoe[{b}]" if b else "xmoe": (lambda b=b: _xmoe(problem, inp, ex, dtype, b))
+            for b in XMOE_BACKENDS
+        },
+        **{
+            f"hf_{impl}": (lambda impl=impl: _hf(problem, inp, w1, w2, w3, impl))
             for impl in HF_IMPLEMENTATIONS
         },
     }
@@ -72,12 +96,12 @@ def build_variants(
             continue
         v = build()
         if v is not None:
-            v.params = [x, *v.params]
+            v.params, v.inputs = [inp.x, *v.params], inp
             out[name] = v
     return out
 
 
-def _dense(problem: Problem, x: Tensor, dtype: torch.dtype) -> Variant:
+def _dense(problem: Problem, inp: Inputs, dtype: torch.dtype) -> Variant:
     spec = problem.spec
     width = max(1, round(problem.experts_per_token * spec.d_expert))
     gen = torch.Generator().manual_seed(spec.seed + 1)
@@ -87,7 +111,7 @@ def _dense(problem: Problem, x: Tensor, dtype: torch.dtype) -> Variant:
         init(spec.d_model, width).requires_grad_(True),
         init(width, spec.d_model).requires_grad_(True),
     )
-    run = lambda: (F.silu(x @ d1) * (x @ d3)) @ d2
+    run = lambda: (F.silu(inp.x @ d1) * (inp.x @ d3)) @ d2
     return Variant("dense", run, [d1, d2, d3], note=f"width {width}")
 
 
@@ -95,11 +119,11 @@ def _swiglu(a: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     return (F.silu(a @ w1) * (a @ w3)) @ w2
 
 
-def _loop(problem: Problem, x, w1, w2, w3) -> Variant:
-    r = problem.routing
+def _loop(problem: Problem, inp: Inputs, w1, w2, w3) -> Variant:
     E = problem.spec.num_experts
 
     def run():
+        x, r = inp.x, inp.routing
         out = torch.zeros(x.shape, dtype=torch.float32)
         for e in range(E):
             (pos,) = torch.where(r.expert_idx == e)
@@ -113,8 +137,8 @@ def _loop(problem: Problem, x, w1, w2, w3) -> Variant:
     return Variant("loop", run, [w1, w2, w3])
 
 
-def _capacity(problem: Problem, x, w1, w2, w3, capacity_factor: float | None) -> Variant:
-    r = problem.routing
+def _capacity(problem: Problem, inp: Inputs, w1, w2, w3, capacity_factor: float | None) -> Variant:
+    r = problem.routing  # the slots are precomputed: no decode cycling for this variant
     spec = problem.spec
     E, N = spec.num_experts, spec.num_tokens
     cf = capacity_factor or (2.0 if problem.topk_idx is not None else 8.0)
@@ -131,6 +155,7 @@ def _capacity(problem: Problem, x, w1, w2, w3, capacity_factor: float | None) ->
     tok, weight = r.token_idx[keep], r.weight[keep]
 
     def run():
+        x = inp.x
         buf = x.new_zeros(E * C, x.shape[1]).index_copy(0, slot, x.index_select(0, tok))
         buf = buf.view(E, C, -1)
         y = torch.bmm(F.silu(torch.bmm(buf, w1)) * torch.bmm(buf, w3), w2).view(E * C, -1)
@@ -141,27 +166,42 @@ def _capacity(problem: Problem, x, w1, w2, w3, capacity_factor: float | None) ->
     return Variant("capacity", run, [w1, w2, w3], note=f"cf {cf:g}, C {C}, dropped {dropped:.1%}")
 
 
-def _xmoe(problem: Problem, x, experts: Experts, dtype: torch.dtype, backend: str):
-    from ..moe.experts import grouped_mm_supported
-
-    if backend == "grouped_mm" and not grouped_mm_supported(dtype, x.shape[1], experts.d_expert):
+def _xmoe(problem: Problem, inp: Inputs, experts: Experts, dtype: torch.dtype, backend: str):
+    if backend and not _available(backend, dtype, experts.d_model, experts.d_expert):
         return None
-    ex = Experts(experts.num_experts, experts.d_model, experts.d_expert, "swiglu", False, backend)
+    ex = Experts(
+        experts.num_experts, experts.d_model, experts.d_expert, "swiglu", False, backend or "auto"
+    )
     with torch.no_grad():
         for n in ("w1", "w2", "w3"):
             getattr(ex, n).copy_(getattr(experts, n))
     ex = ex.to(dtype)
-    r = problem.routing
 
     def run():
-        plan = plan_dispatch(r)
-        y = ex(permute(x, plan), plan.counts, plan.expert_idx, plan.weight)
+        plan = plan_dispatch(inp.routing)
+        y = ex(permute(inp.x, plan), plan.counts, plan.expert_idx, plan.weight)
         return unpermute(y, plan, weighted=True)
 
-    return Variant(f"xmoe[{backend}]", run, list(ex.parameters()))
+    name = f"xmoe[{backend}]" if backend else "xmoe"
+    note = "" if backend else f"auto: {ex.resolve_backend(dtype, inp.x.device)}"
+    return Variant(name, run, list(ex.parameters()), note=note)
 
 
-def _hf(problem: Problem, x, w1, w2, w3, impl: str):
+def _available(backend: str, dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
+    if backend == "grouped_mm":
+        from ..moe.experts import grouped_mm_supported
+
+        return grouped_mm_supported(dtype, d_model, d_expert)
+    if backend == "native":
+        try:
+            from ..moe.kernels.native_ffn import native_available
+        except ImportError:
+            return False
+        return native_available()
+    return True
+
+
+def _hf(problem: Problem, inp: Inputs, w1, w2, w3, impl: str):
     if problem.topk_idx is None:
         return None  # HF's experts take a fixed-k [N, k] routing
     try:
@@ -172,7 +212,8 @@ def _hf(problem: Problem, x, w1, w2, w3, impl: str):
     spec = problem.spec
     if impl == "batched_mm":
         # batched_mm gathers a weight copy per pair: S * 3 * d * h elements.
-        gathered = problem.routing.num_pairs * 3 * spec.d_model * spec.d_expert * x.element_size()
+        size = inp.x.element_size()
+        gathered = problem.routing.num_pairs * 3 * spec.d_model * spec.d_expert * size
         if gathered > BATCHED_MM_MAX_BYTES:
             return None
     cfg = Qwen3MoeConfig(
@@ -187,9 +228,8 @@ def _hf(problem: Problem, x, w1, w2, w3, impl: str):
     # HF layout: gate_up_proj [E, 2h, d] (gate rows first), down_proj [E, d, h].
     hf.gate_up_proj = nn.Parameter(torch.cat([w1.detach().mT, w3.detach().mT], 1).contiguous())
     hf.down_proj = nn.Parameter(w2.detach().mT.contiguous())
-    idx, weight = problem.topk_idx, problem.topk_weight.to(x.dtype)
 
     def run():
-        return hf(x, idx, weight)
+        return hf(inp.x, inp.topk_idx, inp.topk_weight.to(inp.x.dtype))
 
     return Variant(f"hf_{impl}", run, list(hf.parameters()))
