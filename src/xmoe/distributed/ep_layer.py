@@ -25,8 +25,7 @@ from torch.distributed import ProcessGroup
 from ..moe.dispatch import DispatchPlan, permute, unpermute
 from ..moe.experts import Experts
 from ..moe.layer import MoE
-from ..routing import Routing
-from ..routing.base import LinearRouter
+from ..routing import Router, load_balance_loss
 from .collectives import all_reduce_sum, all_to_all, exchange_counts
 
 
@@ -50,7 +49,6 @@ class ExpertParallelMoE(MoE):
         ep_size: int,
         ep_rank: int,
     ) -> None:
-        nn.Module.__init__(self)
         if moe.num_experts % ep_size:
             raise ValueError(
                 f"num_experts={moe.num_experts} is not divisible by the expert-parallel size "
@@ -59,30 +57,22 @@ class ExpertParallelMoE(MoE):
         if not 0 <= ep_rank < ep_size:
             raise ValueError(f"ep_rank must be in [0, {ep_size}), got {ep_rank}")
         local = moe.num_experts // ep_size
-        start = ep_rank * local
-        src = moe.experts
-        # Registration order (experts, then router) matches MoE, so parameters() — and thus
-        # optimizer parameter ids and checkpoint names — line up with the single-process model.
-        with torch.random.fork_rng(devices=[]):  # building must not move the global RNG
-            self.experts = Experts(
-                local, src.d_model, src.d_expert, src.activation, src.b1 is not None, src.backend
-            )
-        for name, p in src.named_parameters(recurse=False):
-            shard = p.detach()[start : start + local].clone()
-            setattr(self.experts, name, nn.Parameter(shard, requires_grad=p.requires_grad))
-        self.experts.to(src.w1.device)
-        self.router = moe.router
-        self.d_model = moe.d_model
-        self.num_experts = moe.num_experts
-        self.d_expert = moe.d_expert
-        self.capacity_factor = moe.capacity_factor
-        self.eval_capacity_factor = moe.eval_capacity_factor
-        self.last_routing: Routing | None = None
+        # MoE registers experts, then router, so parameters() (optimizer parameter ids and
+        # checkpoint names) line up with the single-process model.
+        super().__init__(
+            moe.d_model,
+            moe.num_experts,
+            moe.d_expert,
+            router=moe.router,
+            capacity_factor=_as_argument(moe.capacity_factor),
+            eval_capacity_factor=_as_argument(moe.eval_capacity_factor),
+            experts=expert_slice(moe.experts, ep_rank * local, local),
+        )
         self.group = group
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.num_local_experts = local
-        self.expert_offset = start
+        self.expert_offset = ep_rank * local
 
     @classmethod
     def from_moe(cls, moe: MoE, group: ProcessGroup | None = None) -> ExpertParallelMoE:
@@ -127,72 +117,60 @@ class ExpertParallelMoE(MoE):
         )
 
 
+def expert_slice(experts: Experts, start: int, count: int) -> Experts:
+    """Experts ``[start, start + count)`` of ``experts`` as a new :class:`Experts` (weights
+    ``[count, ...]`` copied, same dtype, device and ``requires_grad``; the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):  # building must not move the global RNG
+        out = Experts(
+            count,
+            experts.d_model,
+            experts.d_expert,
+            experts.activation,
+            experts.b1 is not None,
+            experts.backend,
+        )
+    for name, p in experts.named_parameters(recurse=False):
+        shard = p.detach()[start : start + count].clone()
+        setattr(out, name, nn.Parameter(shard, requires_grad=p.requires_grad))
+    return out.to(experts.w1.device)
+
+
+def _as_argument(capacity_factor: float | None) -> float | str:
+    """A layer's resolved capacity factor as the MoE argument that gives it back."""
+    return "dropless" if capacity_factor is None else capacity_factor
+
+
 # --------------------------------------------------------------------------------------------
 # Router statistics over the global batch
 # --------------------------------------------------------------------------------------------
 
 
 def global_load_balance_loss(probs: Tensor, assigned: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Switch / XMoE load-balance loss ``E * sum_e f_e * P_e`` over the tokens of all ranks.
-
-    ``f_e`` (fraction of counted assignments on expert e) and ``P_e`` (mean router probability)
-    are built from counts and probability sums all-reduced over ``group``: with equal-size
-    shards the value and the (DP-averaged) gradient equal the single-process loss on the
-    concatenated batch. One all-reduce of ``2E + 2`` floats forward and one backward.
-    """
-    num_experts = probs.shape[-1]
-    counts = torch.bincount(assigned, minlength=num_experts).to(probs.dtype)
-    sizes = probs.new_tensor([assigned.numel(), probs.shape[0]])
-    stats = all_reduce_sum(torch.cat([probs.sum(0), counts, sizes]), group)
-    prob_sum, counts = stats[:num_experts], stats[num_experts:-2].detach()
-    m, n = stats[-2].detach().clamp_min(1), stats[-1].detach().clamp_min(1)  # 0 tokens → loss 0
-    return num_experts * (counts / m * prob_sum / n).sum()
-
-
-def _global_standard_losses(
-    router: LinearRouter, group: ProcessGroup | None, logits: Tensor, probs: Tensor, routing
-) -> dict[str, Tensor]:
-    """The router's own ``standard_losses``, with ``load_balance`` recomputed globally in
-    training (in eval it stays per rank: no collective, so ranks may evaluate alone)."""
-    losses = type(router).standard_losses(router, logits, probs, routing)
-    if "load_balance" in losses and router.training:
-        probs = probs[:, : router.num_experts]
-        top1 = router.balance_over == "top1"
-        assigned = probs.argmax(dim=-1) if top1 else routing.expert_idx
-        losses["load_balance"] = global_load_balance_loss(probs, assigned, group)
-    return losses
-
-
-@torch.no_grad()
-def _global_update_bias(router, group: ProcessGroup | None, routing: Routing) -> None:
-    """Loss-free balancing bias update from the global expert load (keeps ranks in sync)."""
-    load = routing.expert_counts.float()
-    dist.all_reduce(load, group=group)
-    router.selection_bias += router.bias_update_rate * torch.sign(load.mean() - load)
+    """Switch / XMoE load-balance loss ``E * sum_e f_e * P_e`` over the tokens of all ranks of
+    ``group``: :func:`~xmoe.routing.losses.load_balance_loss` with its statistics all-reduced
+    (one all-reduce of ``2E + 2`` floats forward and one backward)."""
+    return load_balance_loss(probs, assigned, partial(all_reduce_sum, group=group))
 
 
 def use_global_router_stats(router: nn.Module, group: ProcessGroup | None = None) -> int:
-    """Make the batch-level statistics of every linear router in ``router`` global over
-    ``group`` (default: the world); returns how many routers were changed. Idempotent.
+    """Make the batch statistics of every router in ``router`` global over ``group`` (default:
+    the world): sets each one's :attr:`~xmoe.routing.Router.reduce_stats` to the differentiable
+    all-reduce over ``group``. Returns how many routers it set. Idempotent.
 
-    - ``load_balance`` (Switch / GShard / XMoE, every :class:`LinearRouter`): f and P over the
-      global batch (:func:`global_load_balance_loss`), in training mode.
+    What becomes global (training only):
+
+    - ``load_balance`` (Switch / GShard / XMoE / DTS, every :class:`~xmoe.routing.LinearRouter`
+      that reports it): f and P over the global batch (:func:`global_load_balance_loss`). In eval
+      it stays per rank (no collective, so ranks may evaluate alone).
     - loss-free balancing (``selection_bias``): updated from the global expert load, so the
       buffer stays identical on every rank.
 
     Everything else a router computes stays per rank: token-mean losses (z-loss, entropy,
     soft count) average to the global value over equal shards; noisy top-k's importance / load
     CV², Expert Choice's and BASE's selection are computed within each rank's tokens.
-
-    Each rank's router instance gets its own ``standard_losses`` (and ``_update_bias``)
-    attribute, bound to ``group``; the class is untouched.
     """
-    changed = 0
-    for module in router.modules():
-        if not isinstance(module, LinearRouter) or "standard_losses" in vars(module):
-            continue
-        module.standard_losses = partial(_global_standard_losses, module, group)
-        if getattr(module, "loss_free_balance", False) and hasattr(module, "_update_bias"):
-            module._update_bias = partial(_global_update_bias, module, group)
-        changed += 1
-    return changed
+    reduce = partial(all_reduce_sum, group=group)
+    routers = [m for m in router.modules() if isinstance(m, Router)]
+    for module in routers:
+        module.reduce_stats = reduce
+    return len(routers)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .._checks import check_int
+
 
 @dataclass
 class ParallelContext:
@@ -65,14 +67,7 @@ class ParallelContext:
 
 def check_expert_parallel(expert_parallel: int, world_size: int, num_experts: int | None) -> None:
     """Clear errors for layouts that cannot work."""
-    if not (
-        isinstance(expert_parallel, int)
-        and not isinstance(expert_parallel, bool)
-        and expert_parallel >= 1
-    ):
-        raise ValueError(
-            f"parallel.expert_parallel must be an integer >= 1, got {expert_parallel!r}"
-        )
+    check_int("parallel.expert_parallel", expert_parallel, 1)
     if expert_parallel > world_size:
         hint = (
             f"; launch with `torchrun --nproc_per_node {expert_parallel} -m xmoe train ...`"

@@ -8,13 +8,19 @@ token), Expert Choice (0..E) and hash (1) all look the same downstream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_int, check_positive
 from .losses import load_balance_loss, z_loss
+
+StatsReduction = Callable[[Tensor], Tensor]
+"""Sums a tensor over the ranks that share one batch (differentiable), e.g.
+``functools.partial(xmoe.distributed.all_reduce_sum, group=group)``."""
 
 
 @dataclass
@@ -104,12 +110,20 @@ class Router(nn.Module):
             ``loss_coefs`` override them by name.
         default_capacity_factor: training capacity factor used when the layer's
             ``capacity_factor`` is left at None (None: dropless).
+
+    Instance attribute:
+        reduce_stats: how the router's batch statistics become global (:data:`StatsReduction`:
+            sum a tensor over the ranks sharing the batch). None (default): the statistics are
+            those of the local tokens, as in a single process. Expert parallelism sets it (see
+            ``xmoe.distributed.use_global_router_stats``); routers that have no such statistics
+            ignore it.
     """
 
     num_experts: int
     uses_token_ids: bool = False
     default_loss_coefs: dict[str, float] = {}
     default_capacity_factor: float | None = None
+    reduce_stats: StatsReduction | None = None
 
     def forward(self, x: Tensor, **kwargs) -> Routing:  # pragma: no cover - interface
         raise NotImplementedError
@@ -132,6 +146,10 @@ class LinearRouter(Router):
         balance_over: ``"top1"`` computes the load-balance f_e from each token's top-1 expert as in
             Switch / the XMoE paper; ``"kept"`` uses all kept pairs.
         check_finite: raise ``ValueError`` when the router scores hold NaN or inf (one host sync).
+
+    With :attr:`~Router.reduce_stats` set, the training ``load_balance`` loss counts ``f_e`` and
+    ``P_e`` over the tokens of every rank (:func:`~xmoe.routing.losses.load_balance_loss`); in
+    eval it stays local (no collective, so ranks may evaluate alone).
     """
 
     # 0.01: the Switch / XMoE load-balance coefficient; 0.001: the ST-MoE z-loss coefficient.
@@ -148,14 +166,12 @@ class LinearRouter(Router):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("d_model", d_model, 1)
-        _check_int("num_experts", num_experts, 1)
-        if balance_over not in ("top1", "kept"):
-            raise ValueError(f"balance_over must be 'top1' or 'kept', got {balance_over!r}")
+        check_int("d_model", d_model, 1)
+        check_int("num_experts", num_experts, 1)
+        check_choice("balance_over", balance_over, ("top1", "kept"))
         if init_std is None:
             init_std = self.default_init_std(d_model)
-        if not (isinstance(init_std, (int, float)) and init_std > 0):
-            raise ValueError(f"init_std must be a number > 0, got {init_std!r}")
+        check_positive("init_std", init_std)
         self.d_model = d_model
         self.num_experts = num_experts
         self.balance_over = balance_over
@@ -203,8 +219,9 @@ class LinearRouter(Router):
         probs = probs[:, : self.num_experts]
         top1 = self.balance_over == "top1"
         assigned = probs.argmax(dim=-1) if top1 else routing.expert_idx
+        reduce = self.reduce_stats if self.training else None
         return {
-            "load_balance": load_balance_loss(probs, assigned),
+            "load_balance": load_balance_loss(probs, assigned, reduce),
             "z_loss": z_loss(logits),
         }
 
@@ -241,10 +258,5 @@ def pairs_from_sorted(
     )
 
 
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+# Still imported by models/gpt.py, moe/experts.py and moe/evo.py; xmoe._checks is the one copy.
+_check_int = check_int

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Router, Routing, _check_int
+from .._checks import check_int
+from .base import Router, Routing
 from .smooth_step import (
     check_gamma,
     check_init_scale,
@@ -115,12 +116,12 @@ class CometRouter(Router):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("d_model", d_model, 1)
-        _check_int("num_experts", num_experts, 1)
-        _check_int("k", k, 1, num_experts)
+        check_int("d_model", d_model, 1)
+        check_int("num_experts", num_experts, 1)
+        check_int("k", k, 1, num_experts)
         self.gamma = check_gamma(gamma)
-        self.init_scale = check_init_scale(init_scale, self.gamma / 100)
-        self.leaf_init_scale = check_init_scale(leaf_init_scale, 0.05)
+        self.init_scale = check_init_scale("init_scale", init_scale, self.gamma / 100)
+        self.leaf_init_scale = check_init_scale("leaf_init_scale", leaf_init_scale, 0.05)
         self.d_model = d_model
         self.num_experts = num_experts
         self.k = k

@@ -22,7 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from .base import LinearRouter, Routing, _check_int
+from .._checks import check_bool, check_choice, check_int, check_positive, check_range
+from .base import LinearRouter, Routing
 from .selection import select_sorted
 
 SCHEDULES = ("exponential", "linear")
@@ -117,22 +118,15 @@ class DenseToSparseRouter(LinearRouter):
         **kwargs,
     ) -> None:
         super().__init__(d_model, num_experts, **kwargs)
-        _check_positive("tau_start", tau_start)
-        _check_positive("tau_end", tau_end)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        check_positive("tau_start", tau_start)
+        check_positive("tau_end", tau_end)
+        check_choice("schedule", schedule, SCHEDULES)
         if anneal_steps is not None:
-            _check_int("anneal_steps", anneal_steps, 1)
+            check_int("anneal_steps", anneal_steps, 1)
         if hard_top1_after is not None:
-            _check_int("hard_top1_after", hard_top1_after, 0)
-        if (
-            isinstance(drop_threshold, bool)
-            or not isinstance(drop_threshold, (int, float))
-            or not (0.0 <= drop_threshold < 1.0)
-        ):
-            raise ValueError(f"drop_threshold must be a number in [0, 1), got {drop_threshold!r}")
-        if not isinstance(renormalize, bool):
-            raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
+            check_int("hard_top1_after", hard_top1_after, 0)
+        check_range("drop_threshold", drop_threshold, 0, 1, high_open=True)
+        check_bool("renormalize", renormalize)
         self.tau_start = float(tau_start)
         self.tau_end = float(tau_end)
         self.schedule = schedule
@@ -162,8 +156,8 @@ class DenseToSparseRouter(LinearRouter):
             step: the step about to run, >= 0.
             total_steps: the run length, >= 1 (the anneal length when ``anneal_steps`` is None).
         """
-        _check_int("step", step, 0)
-        _check_int("total_steps", total_steps, 1)
+        check_int("step", step, 0)
+        check_int("total_steps", total_steps, 1)
         self.tau.fill_(self.tau_at(step, total_steps))
         self.step.fill_(step)
 
@@ -212,9 +206,3 @@ def _keep_first(ranked: Tensor) -> Tensor:
     keep = torch.zeros_like(ranked, dtype=torch.bool)
     keep[:, :1] = True
     return keep
-
-
-def _check_positive(name: str, value: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -8,7 +8,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from .._checks import check_positive
 from .base import LinearRouter, Routing
+from .losses import z_loss
 
 LEAK_WARNING = (
     "expert_choice routing selects tokens by comparing them across the whole batch, so in a "
@@ -33,8 +35,7 @@ class ExpertChoiceRouter(LinearRouter):
 
     def __init__(self, d_model: int, num_experts: int, *, expert_capacity: float = 2.0, **kwargs):
         super().__init__(d_model, num_experts, **kwargs)
-        if not (isinstance(expert_capacity, (int, float)) and expert_capacity > 0):
-            raise ValueError(f"expert_capacity must be a number > 0, got {expert_capacity!r}")
+        check_positive("expert_capacity", expert_capacity)
         self.expert_capacity = float(expert_capacity)
         warnings.warn(LEAK_WARNING, stacklevel=3)
 
@@ -60,5 +61,7 @@ class ExpertChoiceRouter(LinearRouter):
             num_experts=e,
         )
 
-    def standard_losses(self, logits, probs, routing) -> dict[str, Tensor]:
-        return {"z_loss": super().standard_losses(logits, probs, routing)["z_loss"]}
+    def standard_losses(self, logits: Tensor, probs: Tensor, routing: Routing) -> dict[str, Tensor]:
+        """Only the z-loss: the load is balanced by construction (no batch statistics, so
+        ``reduce_stats`` is not used; selection stays within each rank's tokens)."""
+        return {"z_loss": z_loss(logits)}

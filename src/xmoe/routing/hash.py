@@ -7,7 +7,8 @@ import heapq
 import torch
 from torch import Tensor
 
-from .base import Router, Routing, _check_int
+from .._checks import check_int
+from .base import Router, Routing
 
 BALANCES = ("random", "frequency")
 
@@ -39,8 +40,8 @@ class HashRouter(Router):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("num_experts", num_experts, 1)
-        _check_int("vocab_size", vocab_size, 1)
+        check_int("num_experts", num_experts, 1)
+        check_int("vocab_size", vocab_size, 1)
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         self.d_model, self.num_experts, self.vocab_size = d_model, num_experts, vocab_size

@@ -27,7 +27,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Router, Routing, _check_int
+from .._checks import check_bool, check_choice, check_int, check_positive, check_range
+from .base import Router, Routing
 from .dts import anneal, gumbel_like
 
 
@@ -46,7 +47,7 @@ def sinkhorn(log_alpha: Tensor, iters: int = 20) -> Tensor:
         ``[..., E, E]`` non-negative matrix whose columns sum to 1 exactly (the last step) and
         whose rows sum to 1 up to the convergence of the iteration. Differentiable.
     """
-    _check_int("iters", iters, 1)
+    check_int("iters", iters, 1)
     if log_alpha.dim() < 2 or log_alpha.shape[-1] != log_alpha.shape[-2]:
         raise ValueError(f"log_alpha must have shape [..., E, E], got {tuple(log_alpha.shape)}")
     for _ in range(iters):
@@ -132,18 +133,16 @@ class PermutationLocalSearch(Router):
             )
         if not isinstance(inner, Router):
             raise ValueError(f"inner must be a Router, got {type(inner).__name__}")
-        _check_fraction("search_fraction", search_fraction, 0.0, 1.0, low_open=True)
-        _check_positive("tau_start", tau_start)
-        _check_positive("tau_end", tau_end)
+        check_range("search_fraction", search_fraction, 0.0, 1.0, low_open=True)
+        check_positive("tau_start", tau_start)
+        check_positive("tau_end", tau_end)
         if tau_end > tau_start:
             raise ValueError(f"tau_end must be in (0, tau_start={tau_start}], got {tau_end!r}")
-        _check_int("sinkhorn_iters", sinkhorn_iters, 1)
-        _check_fraction("prune_threshold", prune_threshold, 0.0, 1.0, high_open=True)
-        if init not in ("identity", "uniform"):
-            raise ValueError(f"init must be 'identity' or 'uniform', got {init!r}")
-        _check_positive("init_scale", init_scale)
-        if not isinstance(noise, bool):
-            raise ValueError(f"noise must be a bool, got {noise!r}")
+        check_int("sinkhorn_iters", sinkhorn_iters, 1)
+        check_range("prune_threshold", prune_threshold, 0.0, 1.0, high_open=True)
+        check_choice("init", init, ("identity", "uniform"))
+        check_positive("init_scale", init_scale)
+        check_bool("noise", noise)
         self.inner = inner
         e = inner.num_experts
         self.num_experts = e
@@ -186,8 +185,8 @@ class PermutationLocalSearch(Router):
     @torch.no_grad()
     def set_step(self, step: int, total_steps: int) -> None:
         """Training-step callback: anneal ``tau`` during the search, then freeze (once)."""
-        _check_int("step", step, 0)
-        _check_int("total_steps", total_steps, 1)
+        check_int("step", step, 0)
+        check_int("total_steps", total_steps, 1)
         if self.is_frozen:
             return
         steps = self.search_steps(total_steps)
@@ -296,28 +295,3 @@ def _rank_within_token(token: Tensor, weight: Tensor, num_tokens: int) -> Tensor
     rank = torch.empty_like(token)
     rank[order] = torch.arange(token.numel(), device=token.device) - starts[token[order]]
     return rank
-
-
-def _check_positive(name: str, value: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_fraction(
-    name: str,
-    value: float,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        rng = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {rng}, got {value!r}")

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 
-def load_balance_loss(probs: Tensor, assigned: Tensor) -> Tensor:
+def load_balance_loss(
+    probs: Tensor, assigned: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Switch / XMoE load-balancing loss ``E * sum_e f_e * P_e``.
 
     Args:
         probs: ``[N, E]`` fp32 router probabilities (carries the gradient, through ``P_e``).
         assigned: ``[M]`` int64 expert of each counted assignment (each token's top-1 expert, or
             every kept pair). ``f_e`` is the fraction of those assignments that went to ``e``.
+        reduce: None (default): ``f`` and ``P`` over these tokens. Otherwise a differentiable
+            sum over the ranks that share the batch (``Router.reduce_stats``): the per-expert
+            counts and probability sums, and the token and assignment totals, are summed over
+            them in one call (``2E + 2`` floats), so with equal-size shards the value and the
+            (DP-averaged) gradient equal the single-process loss on the concatenated batch.
 
     Equals 1 under a perfectly uniform load and ``E`` when every token and all mass collapse
     onto one expert.
     """
     num_experts = probs.shape[-1]
+    if reduce is not None:
+        counts = torch.bincount(assigned, minlength=num_experts).to(probs.dtype)
+        sizes = probs.new_tensor([assigned.numel(), probs.shape[0]])
+        stats = reduce(torch.cat([probs.sum(0), counts, sizes]))
+        prob_sum, counts = stats[:num_experts], stats[num_experts:-2].detach()
+        m, n = stats[-2].detach().clamp_min(1), stats[-1].detach().clamp_min(1)  # 0 tokens: 0
+        return num_experts * (counts / m * prob_sum / n).sum()
     if probs.shape[0] == 0 or assigned.numel() == 0:
         return probs.sum() * 0.0
     f = torch.bincount(assigned, minlength=num_experts).to(probs.dtype) / assigned.numel()

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LinearRouter, Routing, _check_int
+from .._checks import check_int
+from .base import LinearRouter, Routing
 from .losses import cv_squared, z_loss
 
 
@@ -32,7 +33,7 @@ class NoisyTopKRouter(LinearRouter):
         self, d_model: int, num_experts: int, *, k: int = 2, noise_epsilon: float = 1e-2, **kwargs
     ) -> None:
         super().__init__(d_model, num_experts, **kwargs)
-        _check_int("k", k, 1, num_experts)
+        check_int("k", k, 1, num_experts)
         self.k = k
         self.noise_epsilon = float(noise_epsilon)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))  # paper: zero init

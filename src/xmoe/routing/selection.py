@@ -9,10 +9,13 @@ top-k slots) but cost no compute.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .base import LinearRouter, Routing, _check_int, pairs_from_sorted
+from .._checks import check_int, check_range
+from .base import LinearRouter, Routing, pairs_from_sorted
 
 
 def threshold_keep(
@@ -83,7 +86,8 @@ class PreferenceRouter(LinearRouter):
         loss_free_balance: DeepSeek-V3-style balancing without a loss: a per-expert bias
             (buffer ``selection_bias``) is added to the probabilities for *ranking only*, and
             after each training forward moves by ``bias_update_rate`` towards the experts whose
-            load is below the mean (sign update, no gradient).
+            load is below the mean (sign update, no gradient). With ``reduce_stats`` set the
+            load is that of the global batch, so the buffer stays identical on every rank.
         bias_update_rate: step of that update. Default 1e-3 (DeepSeek-V3's gamma).
     """
 
@@ -97,10 +101,9 @@ class PreferenceRouter(LinearRouter):
         bias_update_rate: float = 1e-3,
         **kwargs,
     ) -> None:
-        _check_int("num_null_experts", num_null_experts, 0)
+        check_int("num_null_experts", num_null_experts, 0)
         super().__init__(d_model, num_experts, num_experts + num_null_experts, **kwargs)
-        if not (isinstance(bias_update_rate, (int, float)) and bias_update_rate >= 0):
-            raise ValueError(f"bias_update_rate must be a number >= 0, got {bias_update_rate!r}")
+        check_range("bias_update_rate", bias_update_rate, 0, math.inf)
         self.num_null_experts = num_null_experts
         self.loss_free_balance = bool(loss_free_balance)
         self.bias_update_rate = float(bias_update_rate)
@@ -144,4 +147,6 @@ class PreferenceRouter(LinearRouter):
     @torch.no_grad()
     def _update_bias(self, routing: Routing) -> None:
         load = routing.expert_counts.float()
+        if self.reduce_stats is not None:
+            load = self.reduce_stats(load)
         self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)

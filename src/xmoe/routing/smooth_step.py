@@ -8,21 +8,17 @@ into ragged pairs with :func:`routing_from_dense`, keeping only the entries that
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_positive
 from .base import Routing, pairs_from_sorted
 
 
 def check_gamma(gamma: float) -> float:
     """``gamma`` must be a finite number > 0; returns it as a float."""
-    ok = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
-    if not (ok and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    return float(gamma)
+    return float(check_positive("gamma", gamma))
 
 
 def smooth_step(t: Tensor, gamma: float) -> Tensor:
@@ -55,14 +51,11 @@ def num_code_bits(num_experts: int) -> int:
     return (num_experts - 1).bit_length()
 
 
-def check_init_scale(init_scale: float | None, default: float) -> float:
-    """``None`` → ``default``; otherwise a finite number > 0."""
+def check_init_scale(name: str, init_scale: float | None, default: float) -> float:
+    """``None`` → ``default``; otherwise a finite number > 0 (the error names ``name``)."""
     if init_scale is None:
         return default
-    ok = isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool)
-    if not (ok and math.isfinite(init_scale) and init_scale > 0):
-        raise ValueError(f"init_scale must be None or a finite number > 0, got {init_scale!r}")
-    return float(init_scale)
+    return float(check_positive(name, init_scale))
 
 
 def fp32_linears(x: Tensor, *weights: Tensor, check_finite: bool = True) -> list[Tensor]:

@@ -7,7 +7,8 @@ from functools import partial
 
 from torch import Tensor
 
-from .base import Routing, _check_int
+from .._checks import check_int, check_positive, check_range
+from .base import Routing
 from .losses import entropy_loss, threshold_soft_count
 from .selection import PreferenceRouter, select_sorted, threshold_keep
 
@@ -52,19 +53,10 @@ class ThresholdRouter(PreferenceRouter):
         **kwargs,
     ) -> None:
         super().__init__(d_model, num_experts, **kwargs)
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or math.isnan(threshold)
-            or not (0.0 < threshold <= 1.0)
-        ):
-            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        check_range("threshold", threshold, 0, 1, low_open=True)
         if max_experts is not None:
-            _check_int("max_experts", max_experts, 1, num_experts)
-        if not (isinstance(soft_count_temperature, (int, float)) and soft_count_temperature > 0):
-            raise ValueError(
-                f"soft_count_temperature must be a number > 0, got {soft_count_temperature!r}"
-            )
+            check_int("max_experts", max_experts, 1, num_experts)
+        check_positive("soft_count_temperature", soft_count_temperature)
         self.threshold = float(threshold)
         self.max_experts = max_experts
         self.renormalize = bool(renormalize)

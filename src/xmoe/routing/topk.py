@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Routing, _check_int
+from .._checks import check_int
+from .base import Routing
 from .selection import PreferenceRouter, select_sorted
 
 
@@ -38,7 +39,7 @@ class TopKRouter(PreferenceRouter):
         **kwargs,
     ) -> None:
         super().__init__(d_model, num_experts, **kwargs)
-        _check_int("k", k, 1, self.num_outputs)
+        check_int("k", k, 1, self.num_outputs)
         self.k = k
         self.renormalize = bool(renormalize)
         self.noisy = bool(noisy)
