@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xmoe-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean gpu-check
 
 setup: $(STAMP)
 
@@ -31,5 +31,20 @@ lint: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
+# GPU figures (never run by CI): the `gpu`-marked tests and `xmoe bench --quick` on CUDA, in a
+# venv of its own with a CUDA build of torch (GPU_TORCH), results under benchmarks/results/.
+GPU_VENV := .venv-gpu
+GPU_TORCH ?= torch==2.14.1
+gpu-check:
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q $(GPU_TORCH) numpy
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(GPU_VENV)/bin/python -m pip install -q tokenizers safetensors pyyaml tqdm scipy ninja \
+		pytest hypothesis matplotlib
+	$(GPU_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else \
+		'make gpu-check needs a CUDA device and a CUDA build of torch (GPU_TORCH)')"
+	timeout 480 sh -c '$(GPU_VENV)/bin/python -m pytest -q -m gpu tests && \
+		$(GPU_VENV)/bin/xmoe bench --quick --device cuda --out benchmarks/results'
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(GPU_VENV) runs
