@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from .._io import atomic_write
 from .corpus import load_documents, split_documents
 from .tokenizer import encode, load_or_train_tokenizer
 
@@ -70,7 +72,7 @@ def prepare_data(
     train_text, val_text = split_documents(load_documents(data_path), val_fraction)
     tok = load_or_train_tokenizer(tok_path, [train_text], vocab_size)
     data = TokenData(tok, encode(tok, train_text), encode(tok, val_text))
-    tmp = cache_dir / "tokens.tmp.npz"
-    np.savez(tmp, train=data.train, val=data.val)
-    tmp.replace(arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, train=data.train, val=data.val)
+    atomic_write(arrays, buffer.getvalue())
     return data

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .._io import atomic_write
+
 EOS = "<|endoftext|>"
 
 
@@ -35,9 +37,7 @@ def load_or_train_tokenizer(path: Path, texts: list[str], vocab_size: int) -> To
             return tok
     tok = train_tokenizer(texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)
+    atomic_write(path, tok.to_str())
     return tok
 
 
