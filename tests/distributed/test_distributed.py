@@ -266,6 +266,36 @@ def test_bad_expert_parallel_values_are_config_errors():
 
 
 # --------------------------------------------------------------------------------------------
+# Building the EP layer and the router statistics hook (no processes needed)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cf,want", [("dropless", None), (None, 1.25), (2.0, 2.0)])
+def test_expert_parallel_layer_is_an_moe_holding_its_expert_slice(cf, want):
+    torch.manual_seed(0)
+    moe = MoE(D, E, H, router="switch", capacity_factor=cf, eval_capacity_factor=3.0)
+    state = torch.random.get_rng_state()
+    ep = ExpertParallelMoE(moe, None, 2, 1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building draws no random numbers
+    assert ep.router is moe.router
+    assert [n for n, _ in ep.named_parameters()] == [n for n, _ in moe.named_parameters()]
+    assert (ep.num_experts, ep.experts.num_experts, ep.expert_offset) == (E, 2, 2)
+    for name, p in ep.experts.named_parameters():
+        assert torch.equal(p, getattr(moe.experts, name)[2:4]), name
+    assert (ep.capacity_factor, ep.eval_capacity_factor) == (want, 3.0)
+    assert ep.experts.backend == moe.experts.backend
+
+
+def test_use_global_router_stats_sets_the_hook_and_replaces_no_method():
+    moe = MoE(D, E, H, router="topk", k=2, loss_free_balance=True)
+    assert moe.router.reduce_stats is None
+    assert use_global_router_stats(moe) == 1
+    assert callable(moe.router.reduce_stats)
+    assert "standard_losses" not in vars(moe.router) and "_update_bias" not in vars(moe.router)
+    moe.eval()(torch.randn(5, D))  # eval statistics stay local: no process group needed
+
+
+# --------------------------------------------------------------------------------------------
 # Training: loss curves and checkpoints across world sizes
 # --------------------------------------------------------------------------------------------
 

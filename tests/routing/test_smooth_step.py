@@ -1,17 +1,22 @@
-"""DSelect-k and COMET gates: smooth-step, gate properties, and the per-pair loop oracle.
+"""The smooth-step, and the properties shared by the gates built on it (DSelect-k, COMET).
 
-The oracles recompute each token's gate from the router's parameters with plain Python loops over
-selectors / trees, bits / tree levels and experts, using the literal smooth-step formula of the
-issue (sharing no code with ``xmoe.routing``), then reuse :mod:`conftest`'s capacity reference and
-per-pair loop oracle for the layer output and every gradient.
+Each shared property is checked on both gates, against the loop references of
+``smooth_step_oracles``; the layer check reuses :mod:`conftest`'s capacity reference and per-pair
+loop oracle for the layer output and every gradient.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from smooth_step_oracles import (
+    ROUTER_CLASSES,
+    big_params,
+    dense_from_routing,
+    ref_comet,
+    ref_dselect,
+    ref_expert_weights,
+)
 
 from conftest import (
     D_MODEL,
@@ -23,102 +28,11 @@ from conftest import (
     pair_set,
     reference_capacity,
 )
-from xmoe import MoE
 from xmoe.routing.comet import CometRouter
 from xmoe.routing.dselect import DSelectKRouter
 from xmoe.routing.smooth_step import smooth_step
 
 N_TOKENS = 24
-
-
-# --------------------------------------------------------------------------------------------
-# Independent references
-# --------------------------------------------------------------------------------------------
-
-
-def ref_s(t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The issue's smooth-step on one scalar tensor, branching in Python."""
-    v = float(t.detach())
-    if v <= -gamma / 2:
-        return torch.zeros(())
-    if v >= gamma / 2:
-        return torch.ones(())
-    return -2 * t**3 / gamma**3 + 3 * t / (2 * gamma) + 0.5
-
-
-def ref_dselect(router: DSelectKRouter, x: torch.Tensor, with_selectors: bool = False):
-    """Per token: ``{code: weight}`` over all 2^m codes (codes >= E included), differentiable;
-    with ``with_selectors`` also each selector's list of code weights.
-
-    Parameter layout read from the router: ``z_weight`` rows ``i*m + b`` are bit b of selector i,
-    ``alpha_weight`` row i is selector i's mixing logit.
-    """
-    k, m, gamma = router.k, router.num_bits, router.gamma
-    out = []
-    for t in range(x.shape[0]):
-        z = router.z_weight.float() @ x[t].float()
-        mix = torch.softmax(router.alpha_weight.float() @ x[t].float(), dim=0)
-        selectors = []
-        for i in range(k):
-            row = []
-            for c in range(2**m):
-                r = torch.ones(())
-                for b in range(m):
-                    s = ref_s(z[i * m + b], gamma)
-                    r = r * (s if (c >> b) & 1 else 1 - s)
-                row.append(r)
-            selectors.append(row)
-        codes = {c: sum(mix[i] * selectors[i][c] for i in range(k)) for c in range(2**m)}
-        out.append((codes, selectors) if with_selectors else codes)
-    return out
-
-
-def ref_comet(router: CometRouter, x: torch.Tensor):
-    """Per token: ``({expert: weight}, {(tree, leaf): path prob})``, differentiable.
-
-    ``node_weight`` row ``i*(2^D - 1) + j`` is node j (heap order: children of j are 2j+1 left,
-    2j+2 right) of tree i; ``leaf_weight`` row ``i*E + e`` is leaf e of tree i. A token goes left
-    with probability S(w^T x); leaf l's path reads the bits of l from the top, 0 = left.
-    """
-    k, e_num, depth, gamma = router.k, router.num_experts, router.depth, router.gamma
-    nodes = 2**depth - 1
-    out = []
-    for t in range(x.shape[0]):
-        h = router.node_weight.float() @ x[t].float()
-        a = router.leaf_weight.float() @ x[t].float()
-        paths, entries = {}, []
-        for i in range(k):
-            for leaf in range(2**depth):
-                path, j = torch.ones(()), 0
-                for level in range(depth):
-                    bit = (leaf >> (depth - 1 - level)) & 1
-                    s = ref_s(h[i * nodes + j], gamma)
-                    path = path * (1 - s if bit else s)
-                    j = 2 * j + 1 + bit
-                paths[(i, leaf)] = path
-                if leaf < e_num and float(path.detach()) > 0:
-                    entries.append((leaf, a[i * e_num + leaf] + torch.log(path)))
-        weights = {}
-        if entries:
-            p = torch.softmax(torch.stack([v for _, v in entries]), dim=0)
-            for (leaf, _), pv in zip(entries, p.unbind(0), strict=True):
-                weights[leaf] = weights.get(leaf, torch.zeros(())) + pv
-        out.append((weights, paths))
-    return out
-
-
-def ref_expert_weights(router, x):
-    """Per token ``{expert: weight}`` for experts < E, from the matching oracle."""
-    if isinstance(router, DSelectKRouter):
-        return [
-            {e: w for e, w in c.items() if e < router.num_experts} for c in ref_dselect(router, x)
-        ]
-    return [w for w, _ in ref_comet(router, x)]
-
-
-def dense_from_routing(routing) -> torch.Tensor:
-    w = torch.zeros(routing.num_tokens, routing.num_experts)
-    return w.index_put((routing.token_idx, routing.expert_idx), routing.weight.detach())
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,17 +88,8 @@ def test_smooth_step_rejects_bad_gamma(gamma):
 
 
 # --------------------------------------------------------------------------------------------
-# Gate properties
+# Gate properties (both gates)
 # --------------------------------------------------------------------------------------------
-
-ROUTER_CLASSES = {"dselect": DSelectKRouter, "comet": CometRouter}
-
-
-def _big_params(router, scale: float) -> None:
-    """Redraw the bit / node weights so most smooth-steps saturate (a partly sparse gate)."""
-    with torch.no_grad():
-        w = router.z_weight if isinstance(router, DSelectKRouter) else router.node_weight
-        w.uniform_(-scale, scale)
 
 
 @pytest.mark.parametrize("name", list(ROUTER_CLASSES))
@@ -193,7 +98,7 @@ def _big_params(router, scale: float) -> None:
 def test_weights_sum_to_one_for_power_of_two(name, num_experts, k, scale):
     router = ROUTER_CLASSES[name](D_MODEL, num_experts, k=k)
     if scale is not None:
-        _big_params(router, scale)
+        big_params(router, scale)
     x = torch.randn(64, D_MODEL)
     routing = router(x)
     w = dense_from_routing(routing)
@@ -204,36 +109,6 @@ def test_weights_sum_to_one_for_power_of_two(name, num_experts, k, scale):
     dense = router.gate(x)[0][:, :num_experts]
     assert torch.equal(w, dense.detach())
     assert routing.num_pairs == int((dense > 0).sum())
-
-
-@pytest.mark.parametrize("num_experts,k", [(3, 2), (5, 2), (6, 3), (7, 1)])
-@pytest.mark.parametrize("scale", [None, 0.5])
-def test_dselect_non_power_of_two_sum_plus_nonexistent_mass_is_one(num_experts, k, scale):
-    router = DSelectKRouter(D_MODEL, num_experts, k=k)
-    if scale is not None:
-        _big_params(router, scale)
-    x = torch.randn(32, D_MODEL)
-    routing = router(x)
-    w = dense_from_routing(routing)
-    ref = ref_dselect(router, x)
-    lost = torch.tensor(
-        [sum(float(v.detach()) for c, v in r.items() if c >= num_experts) for r in ref]
-    )
-    assert (lost.min() if scale is None else lost.max()) > 0
-    torch.testing.assert_close(w.sum(-1) + lost, torch.ones(32), atol=1e-6, rtol=0)
-    torch.testing.assert_close(routing.extras["nonexistent_weight"], lost.mean(), atol=1e-6, rtol=0)
-    assert routing.losses["nonexistent_mass"].item() > 0
-
-
-@pytest.mark.parametrize("num_experts", [3, 5, 6])
-def test_comet_non_power_of_two_weights_sum_to_one(num_experts):
-    router = CometRouter(D_MODEL, num_experts, k=2)
-    x = torch.randn(32, D_MODEL)
-    routing = router(x)
-    torch.testing.assert_close(
-        dense_from_routing(routing).sum(-1), torch.ones(32), atol=1e-6, rtol=0
-    )
-    assert routing.losses["nonexistent_mass"].item() > 0
 
 
 @pytest.mark.parametrize("name", list(ROUTER_CLASSES))
@@ -264,51 +139,6 @@ def test_at_most_k_experts_when_binary(name, num_experts, k):
     assert counts.float().mean() < min(k, num_experts)
 
 
-@pytest.mark.parametrize("num_experts,k", [(2, 1), (4, 2), (8, 3), (16, 5)])
-def test_dselect_zero_z_is_uniform(num_experts, k):
-    router = DSelectKRouter(D_MODEL, num_experts, k=k, alpha_init_scale=1.0)
-    with torch.no_grad():
-        router.z_weight.zero_()
-    routing = router(torch.randn(16, D_MODEL))
-    w = dense_from_routing(routing)
-    assert routing.num_pairs == 16 * num_experts
-    torch.testing.assert_close(w, torch.full((16, num_experts), 1 / num_experts), atol=1e-7, rtol=0)
-    assert routing.losses["entropy"].item() == pytest.approx(k * math.log(num_experts), rel=1e-5)
-
-
-def test_comet_zero_nodes_and_leaves_is_uniform():
-    router = CometRouter(D_MODEL, 8, k=3)
-    with torch.no_grad():
-        router.node_weight.zero_()
-        router.leaf_weight.zero_()
-    w = dense_from_routing(router(torch.randn(16, D_MODEL)))
-    torch.testing.assert_close(w, torch.full((16, 8), 1 / 8), atol=1e-7, rtol=0)
-
-
-def test_comet_tokens_whose_trees_all_end_on_nonexistent_leaves_get_no_pairs():
-    # E = 3 (4 leaves). Node weights -10 on feature 0, feature 0 = +1: every node goes right, so
-    # every tree ends on leaf 3, which names no expert.
-    router = CometRouter(D_MODEL, 3, k=2)
-    with torch.no_grad():
-        router.node_weight.zero_()
-        router.node_weight[:, 0] = -10.0
-    x = torch.randn(8, D_MODEL)
-    x[:, 0] = 1.0
-    x[4:, 0] = -1.0  # these tokens go left at every node: leaf 0 in both trees
-    x.requires_grad_(True)
-    moe = MoE(D_MODEL, 3, 8, router=router, backend="loop")
-    y = moe(x)
-    routing = moe.last_routing
-    assert set(routing.token_idx.tolist()) == {4, 5, 6, 7}
-    assert routing.expert_idx.tolist() == [0, 0, 0, 0]
-    torch.testing.assert_close(routing.weight, torch.ones(4), atol=1e-6, rtol=0)
-    assert torch.equal(y[:4], torch.zeros(4, D_MODEL))
-    assert routing.extras["empty_fraction"].item() == 0.5
-    loss = y.sum() + sum(routing.losses.values())
-    grads = torch.autograd.grad(loss, [x, *router.parameters()])
-    assert all(torch.isfinite(g).all() for g in grads)
-
-
 def _ref_entropy(dists) -> torch.Tensor:
     """Sum over distributions of ``-sum p log p`` (0 log 0 = 0)."""
     total = torch.zeros(())
@@ -323,7 +153,7 @@ def _ref_entropy(dists) -> torch.Tensor:
 @pytest.mark.parametrize("num_experts,k", [(4, 2), (5, 2), (8, 3)])
 def test_losses_and_their_gradients_match_oracle(name, num_experts, k):
     router = ROUTER_CLASSES[name](D_MODEL, num_experts, k=k)
-    _big_params(router, 0.5)
+    big_params(router, 0.5)
     x = torch.randn(12, D_MODEL)
     losses = router(x).losses
     if name == "dselect":
@@ -365,7 +195,7 @@ def test_losses_and_their_gradients_match_oracle(name, num_experts, k):
 @pytest.mark.parametrize("name", list(ROUTER_CLASSES))
 def test_rank_orders_kept_experts_by_weight(name):
     router = ROUTER_CLASSES[name](D_MODEL, 8, k=3)
-    _big_params(router, 0.5)
+    big_params(router, 0.5)
     routing = router(torch.randn(32, D_MODEL))
     for t in range(32):
         sel = routing.token_idx == t
@@ -381,7 +211,7 @@ def test_rank_orders_kept_experts_by_weight(name):
 @pytest.mark.parametrize("num_experts", [5, 8])
 def test_all_losses_and_gradients_finite_with_saturated_bits(name, num_experts):
     router = ROUTER_CLASSES[name](D_MODEL, num_experts, k=2)
-    _big_params(router, 1.0)  # many smooth-steps exactly 0 / 1: zero weights, log(0) paths
+    big_params(router, 1.0)  # many smooth-steps exactly 0 / 1: zero weights, log(0) paths
     x = torch.randn(32, D_MODEL, requires_grad=True)
     routing = router(x)
     assert routing.num_pairs < 32 * num_experts  # some zeros
@@ -411,7 +241,7 @@ def test_empty_input(name):
 @pytest.mark.parametrize("name", list(ROUTER_CLASSES))
 def test_fp32_under_autocast(name):
     router = ROUTER_CLASSES[name](D_MODEL, 4)
-    _big_params(router, 0.5)
+    big_params(router, 0.5)
     x = torch.randn(16, D_MODEL)
     ref = router(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -485,12 +315,15 @@ def test_default_init_scale_follows_gamma():
 # Loop oracle through the MoE layer
 # --------------------------------------------------------------------------------------------
 
+
 ORACLE_CASES = {
     "dselect-E4-k2": (DSelectKRouter, 4, dict(k=2)),
     "dselect-E6-k2-g2": (DSelectKRouter, 6, dict(k=2, gamma=2.0)),
     "comet-E4-k2": (CometRouter, 4, dict(k=2)),
     "comet-E5-k3-g2": (CometRouter, 5, dict(k=3, gamma=2.0)),
 }
+
+
 AMBIGUOUS = 1e-6  # oracle weights in (0, this) could round to 0 on one side only
 
 
@@ -552,7 +385,7 @@ def _check_against_oracle(moe, x, atol=1e-5):
 def test_layer_matches_loop_oracle(case, cf, backend):
     cls, num_experts, options = case
     router = cls(D_MODEL, num_experts, **options)
-    _big_params(router, 0.5 * options.get("gamma", 1.0))  # a mix of binary and fractional bits
+    big_params(router, 0.5 * options.get("gamma", 1.0))  # a mix of binary and fractional bits
     moe = make_moe(num_experts=num_experts, router=router, capacity_factor=cf, backend=backend)
     moe.train()
     routing, dense = _check_against_oracle(moe, torch.randn(N_TOKENS, D_MODEL))
