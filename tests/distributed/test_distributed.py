@@ -24,7 +24,6 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_MODEL
 from xmoe import MoE
-from xmoe.data import shakespeare_documents
 from xmoe.distributed import (
     ExpertParallelMoE,
     check_expert_parallel,
@@ -332,18 +331,18 @@ def _train_worker(rank: int, port: int, root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, corpus) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before conftest's one-thread fixture
     try:
-        return _make_runs(tmp_path_factory.mktemp("runs"))
+        return _make_runs(tmp_path_factory.mktemp("runs"), corpus)
     finally:
         torch.set_num_threads(threads)
 
 
-def _make_runs(root: Path) -> Path:
+def _make_runs(root: Path, corpus: str) -> Path:
     """Single-process runs here, 2-rank runs in the workers, then a 1-process resume."""
-    (root / "corpus.txt").write_text(shakespeare_documents()[5].text[:20_000])
+    shutil.copy(corpus, root / "corpus.txt")
     train(load_config(None, _sets(root, STEPS)), root / "single", progress=False)
     shutil.copytree(root / "single" / "data", root / "single_half" / "data")
     train(

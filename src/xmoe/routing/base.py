@@ -256,7 +256,3 @@ def pairs_from_sorted(
         num_tokens=n,
         num_experts=num_experts,
     )
-
-
-# Still imported by models/gpt.py, moe/experts.py and moe/evo.py; xmoe._checks is the one copy.
-_check_int = check_int
