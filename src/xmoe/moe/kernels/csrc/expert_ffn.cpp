@@ -34,6 +34,10 @@
 #define XMOE_BF16_KERNEL 0
 #endif
 
+// MKL (the BLAS of the x86 PyTorch wheels) may start its own threads inside our parallel region;
+// pin it to one thread per worker there. Weak: absent with other BLAS builds.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace {
 
 using at::Tensor;
@@ -314,7 +318,9 @@ void for_each_item(int64_t n_items, bool parallel, const F& f) {
   std::atomic<int64_t> next{0};
   int64_t nt = std::min<int64_t>(at::get_num_threads(), n_items);
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    int old = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t i = next++; i < n_items; i = next++) f(i);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(old);
   });
 }
 
