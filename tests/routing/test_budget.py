@@ -92,3 +92,36 @@ def test_calibration_finds_a_threshold_for_the_target_rate():
     t, achieved = calibrate_threshold(measure, 1.5)
     assert 0 < t < 1 and abs(achieved - 1.5) <= 0.02 * 1.5
     assert measure(t) == achieved
+
+
+def test_threshold_router_with_a_budget_steers_itself_in_training_only():
+    torch.manual_seed(0)
+    router = ThresholdRouter(32, 16, threshold=0.9, target_experts_per_token=1.5)
+    achieved = []
+    for step in range(300):
+        r = router(_stream(step))
+        achieved.append(r.experts_per_token)
+        assert 0 < float(r.extras["threshold"]) < 1
+    assert abs(sum(achieved[-50:]) / 50 - 1.5) <= 0.05 * 1.5
+    router.eval()
+    t = router.budget.threshold
+    steps = int(router.budget.steps)
+    for step in range(5):
+        router(_stream(1000 + step))
+    assert router.threshold == t and int(router.budget.steps) == steps
+    # The controller's state travels with the router's state_dict (checkpoints).
+    assert {"budget.u", "budget.steps"} <= set(router.state_dict())
+
+
+def test_budget_uses_the_global_rate_when_statistics_are_reduced():
+    torch.manual_seed(0)
+    a = ThresholdRouter(32, 16, threshold=0.9, target_experts_per_token=2.0)
+    b = ThresholdRouter(32, 16, threshold=0.9, target_experts_per_token=2.0)
+    b.load_state_dict(a.state_dict())
+    # A fake 2-rank reduction whose other rank saw the same batch: the global rate is the local
+    # one, so both routers must steer identically.
+    b.reduce_stats = lambda t: 2 * t
+    for step in range(20):
+        ra, rb = a(_stream(step)), b(_stream(step))
+        assert ra.num_pairs == rb.num_pairs
+    assert torch.equal(a.budget.u, b.budget.u)
