@@ -256,3 +256,13 @@ def sets(*items: str) -> list[str]:
     for item in (*TINY, *items):
         out += ["--set", item]
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """Path of a small UTF-8 corpus (30k characters of Shakespeare) for seconds-long runs."""
+    from xmoe.data import shakespeare_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(shakespeare_documents()[5].text[:30_000])
+    return str(path)

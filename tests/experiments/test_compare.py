@@ -11,10 +11,9 @@ import torch
 import yaml
 
 from xmoe.cli import main
-from xmoe.data import shakespeare_documents
 from xmoe.models import GPT, GPTConfig, MoEConfig
 from xmoe.routing import ROUTERS, HashRouter
-from xmoe.train.trainer import fit_token_statistics
+from xmoe.train.lm_task import fit_token_statistics
 
 VOCAB = 64
 
@@ -136,13 +135,6 @@ TINY_YAML = {
         "time_limit_s": 1,  # compare must lift it (equal budgets)
     },
 }
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(shakespeare_documents()[5].text[:20_000])
-    return str(path)
 
 
 @pytest.fixture

@@ -9,13 +9,8 @@ from xmoe.cli import main
 
 
 @pytest.fixture(scope="module")
-def t1_run(tmp_path_factory):
-    from xmoe.data import shakespeare_documents
-
-    root = tmp_path_factory.mktemp("t1")
-    corpus = root / "text.txt"
-    corpus.write_text(shakespeare_documents()[5].text[:30_000])
-    run = root / "run"
+def t1_run(tmp_path_factory, corpus):
+    run = tmp_path_factory.mktemp("t1") / "run"
     args = ["train", "--run-dir", str(run), "--data", str(corpus), "--no-progress"]
     overrides = sets(
         "train.steps=3", "train.eval_every=100", "model.moe.router_options.threshold=1.0"
@@ -93,11 +88,7 @@ def test_bad_threshold_arguments_exit_2_with_a_clear_message(t1_run, capsys, arg
     assert message in out.err
 
 
-def test_threshold_on_a_topk_run_is_refused(tmp_path, capsys):
-    from xmoe.data import shakespeare_documents
-
-    corpus = tmp_path / "text.txt"
-    corpus.write_text(shakespeare_documents()[5].text[:20_000])
+def test_threshold_on_a_topk_run_is_refused(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     args = ["train", "--run-dir", str(run), "--data", str(corpus), "--no-progress"]
     overrides = sets("train.steps=1", "model.moe.router=topk", "model.moe.router_options={k: 2}")

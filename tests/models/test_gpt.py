@@ -70,3 +70,21 @@ def test_generate_appends_tokens_and_respects_block_size():
 def test_bad_model_config_names_the_key():
     with pytest.raises(ValueError, match="n_head"):
         GPT(tiny_config(d_model=15))
+
+
+def test_moe_from_config_builds_the_router_local_search_and_token_id_vocab():
+    from xmoe.moe.config import LocalSearchConfig
+    from xmoe.routing import HashRouter
+    from xmoe.routing.local_search import PermutationLocalSearch
+
+    cfg = MoEConfig(num_experts=4, d_expert=8, router="topk", router_options={"k": 2})
+    moe = MoE.from_config(cfg, 16)
+    assert (moe.num_experts, moe.d_expert, moe.router.k) == (4, 8, 2)
+    wrapped = MoE.from_config(
+        MoEConfig(num_experts=4, d_expert=8, local_search=LocalSearchConfig(0.5)), 16
+    )
+    assert isinstance(wrapped.router, PermutationLocalSearch)
+    hashed = MoE.from_config(MoEConfig(num_experts=4, d_expert=8, router="hash"), 16, vocab_size=64)
+    assert isinstance(hashed.router, HashRouter) and hashed.router.vocab_size == 64
+    with pytest.raises(ValueError, match="unknown option"):
+        MoE.from_config(MoEConfig(router="topk", router_options={"bogus": 1}), 16)

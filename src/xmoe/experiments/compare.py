@@ -2,23 +2,28 @@
 
 Every variant starts from the same base config (by default ``configs/demo.yaml``), so all share
 the data, the seed, the model shape and the total expert parameters (``num_experts x d_expert``);
-a variant only changes ``model.moe`` keys. Results go to ``<out>/results.json`` and
-``<out>/results.md``; each variant's run directory is ``<out>/<variant>/``.
+a variant only changes ``model.moe`` keys, and the wall-clock limit is lifted (equal budgets).
+Results go to ``<out>/results.json`` and ``<out>/results.md``; each variant's run directory is
+``<out>/<variant>/``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..train.config import load_config
+from .._io import atomic_write, markdown_table
+from ..models import GPT
+from ..train.config import RunConfig, load_config
+from ..train.loop import train
+from ..train.run_dir import RunDir
 
-# Named variants: overrides of model.moe (dotted keys relative to model.moe). A plain router
-# name not listed here runs that router with its defaults.
+# Named variants: overrides of model.moe (keys relative to model.moe). A plain router name not
+# listed here runs that router with its defaults.
 VARIANTS: dict[str, dict] = {
     "switch": {"router": "switch", "router_options": {}},
     "gshard": {"router": "gshard", "router_options": {}},
@@ -78,38 +83,47 @@ COLUMNS = [
 ]
 
 
-def variant_overrides(name: str) -> list[str]:
-    """``--set`` style overrides for a variant name (a known variant or a router name)."""
+def variant_overrides(name: str) -> dict[str, object]:
+    """The config overrides of a variant name (a known variant or a router name)."""
     spec = VARIANTS.get(name, {"router": name, "router_options": {}})
-    out = []
-    for key, value in spec.items():
-        out.append(f"model.moe.{key}={json.dumps(value)}")
-    return out
+    return {f"model.moe.{key}": value for key, value in spec.items()}
+
+
+def variant_configs(
+    variants: list[str],
+    *,
+    config: str | Path | None,
+    overrides: Mapping[str, object],
+    steps: int | None,
+) -> dict[str, RunConfig]:
+    """Each variant's validated config: ``config`` ← no time limit ← ``overrides`` ← the
+    variant ← ``steps``. Every model is built once, so a bad variant fails before any
+    training."""
+    configs = {}
+    for name in variants:
+        extra = {} if steps is None else {"train.steps": steps}
+        cfg = load_config(
+            config, {"train.time_limit_s": 0.0}, overrides, variant_overrides(name), extra
+        )
+        GPT(cfg.model)  # router names and options are checked when the model is built
+        configs[name] = cfg
+    return configs
 
 
 def run_comparison(
-    variants: list[str],
+    configs: Mapping[str, RunConfig],
     out_dir: Path,
     *,
-    config: str | None,
-    overrides: list[str],
-    steps: int | None,
     progress: bool = True,
     command: str = "",
 ) -> list[dict]:
-    from ..train import train
-
+    """Train every variant (``out_dir/<variant>/``) and write the results after each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in variants:
-        # Equal budgets: no wall-clock cut-off (the demo config has one), same steps for all.
-        extra = ["train.time_limit_s=0", *overrides, *variant_overrides(name)]
-        if steps is not None:
-            extra.append(f"train.steps={steps}")
-        cfg = load_config(config, extra)  # validates before any training starts
+    for name, cfg in configs.items():
         started = time.perf_counter()
         print(f"== {name}: router={cfg.model.moe.router} options={cfg.model.moe.router_options}")
-        summary = train(cfg, out_dir / _safe(name), overwrite=True, progress=progress)
+        summary = train(cfg, RunDir(out_dir / _safe(name)), overwrite=True, progress=progress)
         rows.append(
             {
                 "variant": name,
@@ -130,32 +144,14 @@ def write_results(out_dir: Path, rows: list[dict], command: str) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    _atomic_write(out_dir / "results.json", json.dumps({**meta, "rows": rows}, indent=2))
-    _atomic_write(out_dir / "results.md", markdown_table(rows, command))
+    atomic_write(out_dir / "results.json", json.dumps({**meta, "rows": rows}, indent=2))
+    atomic_write(out_dir / "results.md", results_table(rows, command))
 
 
-def markdown_table(rows: list[dict], command: str = "") -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    lines = [head, sep]
-    for row in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            value = row.get(key)
-            ok = value is not None and not (isinstance(value, float) and math.isnan(value))
-            cells.append(fmt.format(value) if ok else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    if command:
-        text = f"Command: `{command}`\n\n" + text
-    return text
+def results_table(rows: list[dict], command: str = "") -> str:
+    text = markdown_table(rows, COLUMNS)
+    return f"Command: `{command}`\n\n" + text if command else text
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -9,9 +9,12 @@ checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+
+from .._io import atomic_write, markdown_table
 
 THRESHOLD_ROUTERS = ("threshold",)
 # Measured on the t = 1 demo-sized run (docs/dense-to-sparse.md, part A): keeping the raw
@@ -43,32 +46,30 @@ def check_threshold(name: str, t: float) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {t}")
 
 
-def threshold_overrides(router: str, threshold: float, renormalize: bool) -> list[str]:
+def threshold_overrides(router: str, threshold: float, renormalize: bool) -> dict[str, object]:
     """The config overrides that run a threshold-router model at ``threshold``."""
     if router not in THRESHOLD_ROUTERS:
         raise ValueError(
             f"--threshold/--sweep-threshold need a run trained with the threshold router; "
             f"this run uses model.moe.router={router!r}"
         )
-    return [
-        f"model.moe.router_options.threshold={threshold}",
-        f"model.moe.router_options.renormalize={str(renormalize).lower()}",
-    ]
+    return {
+        "model.moe.router_options.threshold": threshold,
+        "model.moe.router_options.renormalize": renormalize,
+    }
 
 
-def markdown_table(rows: list[dict], title: str) -> str:
-    lines = [
-        f"### {title}",
-        "",
-        "| t | renormalize | val ppl | experts/token | moe_compute_ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['threshold']:g} | {r['renormalize']} | {r['val_ppl']:.2f} | "
-            f"{r['experts_per_token']:.2f} | {r['moe_compute_ratio']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+SWEEP_COLUMNS = [
+    ("threshold", "t", "{:g}"),
+    ("renormalize", "renormalize", "{}"),
+    ("val_ppl", "val ppl", "{:.2f}"),
+    ("experts_per_token", "experts/token", "{:.2f}"),
+    ("moe_compute_ratio", "moe_compute_ratio", "{:.3f}"),
+]
+
+
+def sweep_table(rows: list[dict], title: str) -> str:
+    return f"### {title}\n\n" + markdown_table(rows, SWEEP_COLUMNS)
 
 
 def write_sweep(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
@@ -77,12 +78,9 @@ def write_sweep(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     files = []
     for name, text in (
         ("sweep.json", json.dumps(rows, indent=1)),
-        ("sweep.md", markdown_table(rows, title)),
+        ("sweep.md", sweep_table(rows, title)),
     ):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
-        files.append(out_dir / name)
+        files.append(atomic_write(out_dir / name, text))
     png = plot_sweep(rows, out_dir / "sweep.png", title)
     return files + ([png] if png else [])
 
@@ -111,8 +109,7 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, png.getvalue())

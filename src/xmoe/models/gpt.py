@@ -14,36 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
+from ..moe.config import MoEConfig
 from ..moe.experts import Experts
 from ..moe.layer import MoE
-from ..routing import Routing, make_router, router_class
-from ..routing.base import _check_int
-
-
-@dataclass
-class MoEConfig:
-    """MoE FFN settings. Defaults: XMoE's small experts (d_ff / 8) with threshold 0.9."""
-
-    num_experts: int = 16  # many narrow experts (XMoE); 16 x d_ff/8 = 2x the dense params
-    d_expert: int = 64  # expert width; XMoE uses d_ff / 8
-    router: str = "threshold"
-    router_options: dict = field(default_factory=dict)  # e.g. {"threshold": 0.9} or {"k": 2}
-    activation: str = "gelu"
-    bias: bool = True
-    # None: the router's default (dropless, except switch: 1.25); "dropless" forces dropless.
-    capacity_factor: float | str | None = None
-    eval_capacity_factor: float | str | None = None  # None = dropless eval (batch-invariant)
-    backend: str = "auto"
-    # Coefficients of the router losses added to the LM loss, by name. Each router brings its
-    # paper's defaults (e.g. load_balance 0.01, z_loss 0.001); entries here override them.
-    loss_coefs: dict = field(default_factory=dict)
-    # COMET+ permutation local search around the router (options of
-    # xmoe.routing.local_search.PermutationLocalSearch); {} = off.
-    local_search: dict = field(default_factory=dict)
-    # EvoMoE recipe: each MoE layer starts as one expert of width d_expert; at
-    # `diversify_step` it is split into num_experts masked copies ("mask_ratio", "noise_std")
-    # and training continues with `router` (typically "dts"). {} = off.
-    evo: dict = field(default_factory=dict)
+from ..routing import Routing
 
 
 @dataclass
@@ -61,8 +36,8 @@ class GPTConfig:
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
-            _check_int(f"model.{name}", getattr(self, name), 1)
-        _check_int("model.moe_every", self.moe_every, 0)
+            check_int(f"model.{name}", getattr(self, name), 1)
+        check_int("model.moe_every", self.moe_every, 0)
         if self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
@@ -105,37 +80,10 @@ class DenseFFN(nn.Module):
         return self.proj(self.act(self.fc(x)))
 
 
-def build_moe(
-    cfg: GPTConfig,
-    num_experts: int | None = None,
-    router: str | None = None,
-    router_options: dict | None = None,
-    wrap: bool = True,
-) -> MoE:
-    """The MoE layer ``cfg.moe`` describes (optionally with another size or router), with the
-    local-search wrapper when ``cfg.moe.local_search`` is set."""
-    m = cfg.moe
-    num_experts = m.num_experts if num_experts is None else num_experts
-    name = m.router if router is None else router
-    options = dict(m.router_options if router_options is None else router_options)
-    if router_class(name).uses_token_ids:
-        options.setdefault("vocab_size", cfg.vocab_size)
-    routing_module = make_router(name, cfg.d_model, num_experts, **options)
-    if m.local_search and wrap:
-        from ..routing.local_search import PermutationLocalSearch
-
-        routing_module = PermutationLocalSearch(routing_module, **m.local_search)
-    return MoE(
-        cfg.d_model,
-        num_experts,
-        m.d_expert,
-        router=routing_module,
-        activation=m.activation,
-        bias=m.bias,
-        capacity_factor=m.capacity_factor,
-        eval_capacity_factor=m.eval_capacity_factor,
-        backend=m.backend,
-    )
+def build_moe(cfg: GPTConfig, moe: MoEConfig | None = None) -> MoE:
+    """The MoE layer of a block: ``moe`` (default ``cfg.moe``) at the model's width, with the
+    model's vocabulary for routers that route by token id."""
+    return MoE.from_config(cfg.moe if moe is None else moe, cfg.d_model, vocab_size=cfg.vocab_size)
 
 
 class Block(nn.Module):
@@ -180,9 +128,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied
-        self._init_weights()
+        self.init_weights()
 
-    def _init_weights(self) -> None:
+    def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2L).
 
         Routers keep their own init (they are not nn.Linear).

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from torch import Tensor, nn
 
-from ..routing import Router, Routing, make_router
+from ..routing import Router, Routing, make_router, router_class
+from ..routing.local_search import PermutationLocalSearch
+from .config import MoEConfig
 from .dispatch import (
     DispatchPlan,
     apply_capacity,
@@ -36,6 +40,9 @@ class MoE(nn.Module):
         eval_capacity_factor: the same in eval mode; ``None`` (default) is dropless, so eval output
             does not depend on which other tokens share the batch.
         backend: expert compute backend, ``"auto"``, ``"grouped_mm"`` or ``"loop"``.
+        experts: a prebuilt :class:`Experts` used instead of building one (``activation``,
+            ``bias`` and ``backend`` are then its own), e.g. one rank's slice of the experts
+            under expert parallelism.
         **router_options: passed to the router (e.g. ``threshold=0.9``, ``k=2``).
     """
 
@@ -50,10 +57,13 @@ class MoE(nn.Module):
         capacity_factor: float | str | None = None,
         eval_capacity_factor: float | str | None = None,
         backend: str = "auto",
+        experts: Experts | None = None,
         **router_options,
     ) -> None:
         super().__init__()
-        self.experts = Experts(num_experts, d_model, d_expert, activation, bias, backend)
+        if experts is None:
+            experts = Experts(num_experts, d_model, d_expert, activation, bias, backend)
+        self.experts = experts
         if isinstance(router, Router):
             if router_options:
                 raise ValueError("router_options are only accepted with a router name")
@@ -74,6 +84,33 @@ class MoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.last_routing: Routing | None = None
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig, d_model: int, *, vocab_size: int | None = None) -> MoE:
+        """The layer ``cfg`` describes, at model width ``d_model``.
+
+        ``vocab_size`` goes to routers that route by token id (hash) unless
+        ``cfg.router_options`` sets it. With ``cfg.local_search`` the router is wrapped in
+        :class:`~xmoe.routing.local_search.PermutationLocalSearch`. Router options are checked
+        by the router (unknown names and out-of-range values raise ``ValueError``).
+        """
+        options = dict(cfg.router_options)
+        if vocab_size is not None and router_class(cfg.router).uses_token_ids:
+            options.setdefault("vocab_size", vocab_size)
+        router: Router = make_router(cfg.router, d_model, cfg.num_experts, **options)
+        if cfg.local_search is not None:
+            router = PermutationLocalSearch(router, **asdict(cfg.local_search))
+        return cls(
+            d_model,
+            cfg.num_experts,
+            cfg.d_expert,
+            router=router,
+            activation=cfg.activation,
+            bias=cfg.bias,
+            capacity_factor=cfg.capacity_factor,
+            eval_capacity_factor=cfg.eval_capacity_factor,
+            backend=cfg.backend,
+        )
 
     def forward(self, x: Tensor, **router_kwargs) -> Tensor:
         y, routing = self.forward_with_routing(x, **router_kwargs)

@@ -1,17 +1,31 @@
-"""Run configuration: nested dataclasses, loaded from YAML, with ``key.path=value`` overrides."""
+"""Run configuration: nested dataclasses, loaded from YAML, merged with dotted-key overrides.
+
+``load_config(path, *overrides)`` is defaults ← YAML file ← each override layer, validated.
+An override layer maps dotted keys to Python values (``{"model.moe.router": "topk"}``); only the
+CLI's ``--set key=value`` strings are parsed (as YAML) here, by :func:`parse_overrides`.
+:func:`with_overrides` merges layers into a loaded config. Unknown keys raise ``ValueError``
+naming the full key (``model.moe.bogus``).
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .._checks import check_int
+from .._io import atomic_write
 from ..models.gpt import GPTConfig
+
+# A layer of overrides: dotted keys -> Python values, or the CLI's "key=value" strings.
+Overrides = Mapping[str, object] | Sequence[str]
 
 
 @dataclass
@@ -66,11 +80,9 @@ class RunConfig:
         self.model.validate()
         t = self.train
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
-            if not (isinstance(getattr(t, name), int) and getattr(t, name) >= 1):
-                raise ValueError(f"train.{name} must be an integer >= 1, got {getattr(t, name)!r}")
+            check_int(f"train.{name}", getattr(t, name), 1)
         for name in ("warmup_steps", "checkpoint_every", "threads", "eval_tokens"):
-            if not (isinstance(getattr(t, name), int) and getattr(t, name) >= 0):
-                raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(t, name)!r}")
+            check_int(f"train.{name}", getattr(t, name), 0)
         if not (math.isfinite(t.lr) and t.lr > 0):
             raise ValueError(f"train.lr must be > 0, got {t.lr}")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -79,6 +91,14 @@ class RunConfig:
             raise ValueError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        evo = self.model.moe.evo
+        if evo is not None:
+            step = evo.diversify_step
+            if not (isinstance(step, int) and not isinstance(step, bool) and 0 < step < t.steps):
+                raise ValueError(
+                    "model.moe.evo.diversify_step must be an integer in [1, train.steps), "
+                    f"got {step!r}"
+                )
         self.validate_parallel()
         if self.data.vocab_size != self.model.vocab_size:
             raise ValueError(
@@ -88,9 +108,7 @@ class RunConfig:
 
     def validate_parallel(self) -> None:
         """The checks of ``parallel`` that need no process group (world size: at launch)."""
-        p = self.parallel.expert_parallel
-        if not (isinstance(p, int) and not isinstance(p, bool) and p >= 1):
-            raise ValueError(f"parallel.expert_parallel must be an integer >= 1, got {p!r}")
+        p = check_int("parallel.expert_parallel", self.parallel.expert_parallel, 1)
         if p == 1 or self.model.moe_every == 0:
             return
         e = self.model.moe.num_experts
@@ -99,7 +117,7 @@ class RunConfig:
                 f"model.moe.num_experts={e} is not divisible by parallel.expert_parallel={p}: "
                 "each rank must hold the same number of experts"
             )
-        if self.model.moe.evo:
+        if self.model.moe.evo is not None:
             raise ValueError(
                 "model.moe.evo (EvoMoE: one expert per layer until diversify_step) does not "
                 f"support parallel.expert_parallel={p}; use expert_parallel=1 (data parallel)"
@@ -109,9 +127,7 @@ class RunConfig:
         return asdict(self)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -125,12 +141,35 @@ def from_dict(cls, data: dict, prefix: str = ""):
         path = f"{prefix}{key}"
         if key not in fields:
             raise ValueError(f"unknown config key {path!r}; accepted: {sorted(fields)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, prefix=f"{path}.")
-        else:
-            kwargs[key] = _coerce(path, hint, value)
+        kwargs[key] = _value(path, hints[key], value)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            raise ValueError(f"config key {prefix + name!r} is required")
     return cls(**kwargs)
+
+
+def _value(path: str, hint, value):
+    """``value`` as the field type ``hint``: a sub-config (a dataclass, or an optional one where
+    None and ``{}`` mean off) or a checked scalar."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, prefix=f"{path}.")
+    sub = _optional_dataclass(hint)
+    if sub is not None:
+        if value is None or value == {}:
+            return None
+        if isinstance(value, sub):
+            return value
+        return from_dict(sub, value, prefix=f"{path}.")
+    return _coerce(path, hint, value)
+
+
+def _optional_dataclass(hint) -> type | None:
+    """``X`` for a hint ``X | None`` where X is a dataclass, else None."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
 
 
 def _coerce(path: str, hint, value):
@@ -153,25 +192,29 @@ def _coerce(path: str, hint, value):
     return value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict."""
-    for item in overrides:
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """The CLI's ``--set a.b.c=value`` strings → ``{"a.b.c": value}`` (values parsed as YAML;
+    a later item for the same key wins and counts as the later one)."""
+    out: dict[str, object] = {}
+    for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {part!r} is not a config section")
-        node[parts[-1]] = value
-    return data
+        key = key.strip()
+        out.pop(key, None)
+        out[key] = yaml.safe_load(raw) if raw != "" else None
+    return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults ← YAML file ← overrides; validated."""
+def with_overrides(cfg: RunConfig, *layers: Overrides) -> RunConfig:
+    """A validated copy of ``cfg`` with each layer of dotted-key overrides applied in order,
+    e.g. ``with_overrides(cfg, {"model.moe.router": "topk", "model.moe.router_options":
+    {"k": 2}})``. A value may be a sub-config dataclass or its mapping."""
+    return _build(cfg.to_dict(), layers)
+
+
+def load_config(path: str | Path | None = None, *overrides: Overrides) -> RunConfig:
+    """Defaults ← YAML file ← each override layer; validated."""
     data: dict = asdict(RunConfig())
     if path is not None:
         p = Path(path)
@@ -179,10 +222,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"config file {str(p)!r} does not exist")
         loaded = yaml.safe_load(p.read_text()) or {}
         data = _merge(data, loaded)
-    data = apply_overrides(data, overrides or [])
+    return _build(data, overrides)
+
+
+def _build(data: dict, layers: Sequence[Overrides | None]) -> RunConfig:
+    for layer in layers:
+        if layer is None:
+            continue
+        items = layer if isinstance(layer, Mapping) else parse_overrides(layer)
+        for key, value in items.items():
+            _set(data, key, value)
     cfg = from_dict(RunConfig, data)
     cfg.validate()
     return cfg
+
+
+def _set(data: dict, key: str, value: object) -> None:
+    """``data[a][b][c] = value`` for ``key = "a.b.c"`` (sections created as needed)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key}: {part!r} is not a config section")
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def _merge(base: dict, new: dict) -> dict:
@@ -191,16 +258,11 @@ def _merge(base: dict, new: dict) -> dict:
     out = dict(base)
     for k, v in new.items():
         # router_options / loss_coefs are replaced whole, other sections merge key by key.
-        if (
-            isinstance(v, dict)
-            and isinstance(out.get(k), dict)
-            and k
-            not in (
-                "router_options",
-                "loss_coefs",
-            )
-        ):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _REPLACED_WHOLE:
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
     return out
+
+
+_REPLACED_WHOLE = ("router_options", "loss_coefs")
