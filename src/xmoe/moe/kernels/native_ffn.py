@@ -325,6 +325,7 @@ class _NativeFFN(torch.autograd.Function):
                     act,
                     need,
                     ROW_TILE_BWD,
+                    w1.dtype == torch.bfloat16,  # weight grads straight in bf16 (else fp32)
                 )
             else:
                 ws = [None if w is None else _f32_weight(w) for w in (w1, w2, w3)]

@@ -408,7 +408,21 @@ void forward_impl(const Eng& eng, const Common& c, const typename Eng::T* x, typ
 struct Grads {
   float *gw1, *gw2, *gw3, *gb1, *gb2, *gb3, *grw;  // null = not needed
   bool need_x;
+  // bf16 weight gradients: accumulate per expert in fp32 scratch, write bf16 here (else null)
+  uint16_t *ow1 = nullptr, *ow2 = nullptr, *ow3 = nullptr;
 };
+
+// Round an expert's fp32 weight gradient into the bf16 output (or zero it).
+inline void finish_wgrad(const float* src, uint16_t* dst, int64_t n) {
+#if XMOE_BF16_KERNEL
+  if (!dst) return;
+  if (!src) { zero_rows(dst, n); return; }
+  for (int64_t i = 0; i < n; i += kV) {
+    int64_t m = std::min(kV, n - i);
+    store(dst + i, load(src + i, m), m);
+  }
+#endif
+}
 
 inline float hsum(const Vec& v) {
   alignas(64) float t[kV];
@@ -442,16 +456,23 @@ void backward_impl(const Eng& eng, const Common& c, const typename Eng::T* gy, c
   const bool parallel = nonempty >= 2 * nt && biggest * nt <= 2 * c.A;
   for_each_item(c.E, parallel, [&](int64_t it) {
     const int64_t e = order[it], n_all = c.off[e + 1] - c.off[e];
-    float* gw1e = g.gw1 ? g.gw1 + e * d * h : nullptr;
-    float* gw3e = g.gw3 ? g.gw3 + e * d * h : nullptr;
-    float* gw2e = g.gw2 ? g.gw2 + e * h * d : nullptr;
+    uint16_t* ow[3] = {g.ow1 ? g.ow1 + e * d * h : nullptr, g.ow2 ? g.ow2 + e * h * d : nullptr,
+                       g.ow3 ? g.ow3 + e * d * h : nullptr};
     if (n_all == 0) {
-      if (gw1e) zero_rows(gw1e, d * h);
-      if (gw3e) zero_rows(gw3e, d * h);
-      if (gw2e) zero_rows(gw2e, h * d);
+      if (g.gw1) zero_rows(g.gw1 + e * d * h, d * h);
+      if (g.gw3) zero_rows(g.gw3 + e * d * h, d * h);
+      if (g.gw2) zero_rows(g.gw2 + e * h * d, h * d);
+      for (auto* o : ow) finish_wgrad(nullptr, o, d * h);
       return;
     }
-    thread_local std::vector<float> sa, sgh, sgx;
+    thread_local std::vector<float> sa, sgh, sgx, sw1, sw2, sw3;
+    auto wbuf = [&](float* all, uint16_t* o, std::vector<float>& sc, int64_t n) -> float* {
+      if (o) { sc.resize(n); return sc.data(); }
+      return all ? all + e * n : nullptr;
+    };
+    float* gw1e = wbuf(g.gw1, ow[0], sw1, d * h);
+    float* gw2e = wbuf(g.gw2, ow[1], sw2, h * d);
+    float* gw3e = wbuf(g.gw3, ow[2], sw3, d * h);
     thread_local std::vector<T> hw, g1b, g3b;
     const float* b2e = b2 ? b2 + e * d : nullptr;
     bool first = true;
@@ -539,6 +560,9 @@ void backward_impl(const Eng& eng, const Common& c, const typename Eng::T* gy, c
       }
       first = false;
     }
+    finish_wgrad(gw1e, ow[0], d * h);
+    finish_wgrad(gw2e, ow[1], h * d);
+    finish_wgrad(gw3e, ow[2], d * h);
   });
 }
 
@@ -586,7 +610,7 @@ std::vector<Tensor> forward_f32(Tensor x, Tensor off, Tensor w1, Tensor w2, c10:
 }
 
 Grads make_grads(const Common& c, const std::vector<bool>& need, bool glu, const at::TensorOptions& f32,
-                 std::vector<Tensor>& out) {
+                 std::vector<Tensor>& out, bool wbf16 = false) {
   // need: [x, rw, w1, w2, w3, b1, b2, b3]
   auto mk = [&](bool want, std::initializer_list<int64_t> shape, bool zero) -> float* {
     if (!want) { out.emplace_back(); return nullptr; }
@@ -597,9 +621,15 @@ Grads make_grads(const Common& c, const std::vector<bool>& need, bool glu, const
   out.clear();
   out.emplace_back();  // gx, filled by the caller
   g.grw = mk(need[1] && c.rw, {c.A}, false);
-  g.gw1 = mk(need[2], {c.E, c.d, c.h}, false);
-  g.gw2 = mk(need[3], {c.E, c.h, c.d}, false);
-  g.gw3 = mk(need[4] && glu, {c.E, c.d, c.h}, false);
+  auto mkw = [&](bool want, std::initializer_list<int64_t> shape, uint16_t** o) -> float* {
+    if (!want || !wbf16) return mk(want, shape, false);
+    out.push_back(at::empty(shape, f32.dtype(at::kBFloat16)));
+    *o = reinterpret_cast<uint16_t*>(out.back().data_ptr<at::BFloat16>());
+    return nullptr;
+  };
+  g.gw1 = mkw(need[2], {c.E, c.d, c.h}, &g.ow1);
+  g.gw2 = mkw(need[3], {c.E, c.h, c.d}, &g.ow2);
+  g.gw3 = mkw(need[4] && glu, {c.E, c.d, c.h}, &g.ow3);
   g.gb1 = mk(need[5], {c.E, c.h}, true);
   g.gb2 = mk(need[6], {c.E, c.d}, true);
   g.gb3 = mk(need[7] && glu, {c.E, c.h}, true);
@@ -655,7 +685,8 @@ std::vector<Tensor> forward_bf16(Tensor x, Tensor off, int64_t h, Tensor p1, Ten
 
 std::vector<Tensor> backward_bf16(Tensor gy, Tensor x, Tensor off, Tensor h1s, c10::optional<Tensor> h3s,
                                   Tensor p1t, Tensor p2t, c10::optional<Tensor> p3t, c10::optional<Tensor> b2,
-                                  c10::optional<Tensor> rw, int64_t act, std::vector<bool> need, int64_t row_tile) {
+                                  c10::optional<Tensor> rw, int64_t act, std::vector<bool> need, int64_t row_tile,
+                                  bool wgrad_bf16) {
   const bool glu = act == kSwiglu;
   gy = gy.contiguous();
   Common c = common(x, off, h1s.size(1), act, {}, {}, {}, rw);
@@ -666,7 +697,7 @@ std::vector<Tensor> backward_bf16(Tensor gy, Tensor x, Tensor off, Tensor h1s, c
   eng.p[1][1] = u16(p2t);
   if (glu) eng.p[2][1] = u16(p3t.value());
   std::vector<Tensor> out;
-  Grads g = make_grads(c, need, glu, x.options().dtype(at::kFloat), out);
+  Grads g = make_grads(c, need, glu, x.options().dtype(at::kFloat), out, wgrad_bf16);
   if (g.need_x) out[0] = at::empty({c.A, c.d}, x.options());
   backward_impl(eng, c, u16(gy), u16(x), h1s.data_ptr<float>(), glu ? h3s.value().data_ptr<float>() : nullptr,
                 fptr(b2), g.need_x ? const_cast<uint16_t*>(u16(out[0])) : nullptr, g, row_tile);
