@@ -8,20 +8,18 @@ whose predicted share of activation mass reaches t. See docs/dense-to-sparse.md.
 """
 
 from .adapters import ADAPTERS, FFNSite, find_ffns, install_ffn
+from .calibrate import calibration_batches, capture_ffn_inputs
 from .convert import (
     ConvertConfig,
-    as_sentence_transformer,
-    calibration_batches,
-    capture_ffn_inputs,
     convert_model,
     converted_ffns,
     fit_router,
-    load_converted,
-    save_converted,
     set_mode,
     set_threshold,
 )
-from .ffn import ConvertedFFN, DenseFFN, SliceExperts, threshold_routing
+from .ffn import ConvertedFFN, DenseFFN
+from .router import SliceRouter, threshold_routing
+from .saving import as_sentence_transformer, load_converted, save_converted
 from .split import SPLITS, split_neurons
 
 __all__ = [
@@ -31,7 +29,7 @@ __all__ = [
     "ConvertedFFN",
     "DenseFFN",
     "FFNSite",
-    "SliceExperts",
+    "SliceRouter",
     "as_sentence_transformer",
     "calibration_batches",
     "capture_ffn_inputs",

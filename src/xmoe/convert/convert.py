@@ -13,25 +13,26 @@ Steps per FFN (all FFN inputs are captured from the *dense* model in one calibra
 3. fit the router: ``softmax(x Wrᵀ + br)`` trained with soft-target cross-entropy (= KL up to a
    constant) against each expert's true share of activation mass on the calibration tokens;
 4. install the :class:`~.ffn.ConvertedFFN` in place of the dense FFN math.
+
+Calibration lives in :mod:`.calibrate`, saving and loading in :mod:`.saving`.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import ADAPTERS_BY_NAME, find_ffns, install_ffn
-from .ffn import MODES, ConvertedFFN, check_threshold
+from .._checks import check_choice, check_int, check_positive
+from .adapters import find_ffns, install_ffn
+from .calibrate import capture_ffn_inputs
+from .ffn import MODES, ConvertedFFN
+from .router import check_threshold
+from .saving import FORMAT
 from .split import SPLITS, split_neurons
 
-MANIFEST = "xmoe_convert.json"
-WEIGHTS = "model.safetensors"
-FORMAT = "xmoe-convert/1"
 ROUTERS = ("learned", "oracle")
 
 
@@ -66,95 +67,14 @@ class ConvertConfig:
     backend: str = "auto"
 
     def validate(self) -> None:
-        if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
-            raise ValueError(
-                f"num_experts (--experts) must be an integer >= 1, got {self.num_experts!r}"
-            )
-        if self.split not in SPLITS:
-            raise ValueError(f"split (--split) must be one of {SPLITS}, got {self.split!r}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router (--router) must be one of {ROUTERS}, got {self.router!r}")
+        """Raise ``ValueError`` naming the field (and its ``xmoe convert`` flag)."""
+        check_int("num_experts (--experts)", self.num_experts, 1)
+        check_choice("split (--split)", self.split, SPLITS)
+        check_choice("router (--router)", self.router, ROUTERS)
         check_threshold(self.threshold)
         for name in ("calib_tokens", "router_steps", "router_batch"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{name} ({flag}) must be an integer >= 1, got {v!r}")
-        if not (self.router_lr > 0):
-            raise ValueError(f"router_lr must be > 0, got {self.router_lr!r}")
-
-
-# ---------------------------------------------------------------------------------- calibration
-
-
-def calibration_batches(
-    tokenizer, texts: list[str], calib_tokens: int, max_length: int = 128, batch_size: int = 32
-) -> list[dict[str, Tensor]]:
-    """Take ``texts`` in order until they hold ``calib_tokens`` tokens (each truncated to
-    ``max_length``), then batch them grouped by length so that batches carry little padding."""
-    chosen, total = [], 0
-    for text in texts:
-        n = len(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
-        chosen.append((n, text))
-        total += n
-        if total >= calib_tokens:
-            break
-    if total < calib_tokens:
-        raise ValueError(f"calibration text has only {total} tokens; asked for {calib_tokens}")
-    chosen.sort(key=lambda c: c[0])
-    batches = []
-    for i in range(0, len(chosen), batch_size):
-        enc = tokenizer(
-            [t for _, t in chosen[i : i + batch_size]],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        batches.append(dict(enc))
-    return batches
-
-
-@torch.no_grad()
-def capture_ffn_inputs(
-    model: nn.Module,
-    batches: list[dict[str, Tensor]],
-    max_tokens: int | None = None,
-    progress=False,
-) -> list[Tensor]:
-    """Run ``model`` on ``batches`` and return each FFN's input rows at non-padding positions:
-    one ``[N, d_model]`` fp32 tensor per FFN (in :func:`find_ffns` order)."""
-    from tqdm.auto import tqdm
-
-    sites = find_ffns(model)
-    store: list[list[Tensor]] = [[] for _ in sites]
-    mask_now: list[Tensor] = []
-
-    def hook(i):
-        def fn(_module, args):
-            x = args[0]
-            rows = x.reshape(-1, x.shape[-1])
-            if mask_now:
-                rows = rows[mask_now[0].reshape(-1).bool()]
-            store[i].append(rows.detach().float())
-
-        return fn
-
-    handles = [
-        s.adapter.entry(s.owner).register_forward_pre_hook(hook(i)) for i, s in enumerate(sites)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
-            mask_now[:] = [batch["attention_mask"]] if "attention_mask" in batch else []
-            model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    out = [torch.cat(rows, 0) for rows in store]
-    return [x[:max_tokens] for x in out] if max_tokens else out
+            check_int(f"{name} (--{name.replace('_', '-')})", getattr(self, name), 1)
+        check_positive("router_lr", self.router_lr)
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -235,7 +155,8 @@ def convert_model(
 def fit_router(
     ffn: ConvertedFFN, x: Tensor, config: ConvertConfig, seed: int = 0, bar=None
 ) -> dict:
-    """Fit ``ffn.router`` to the true expert shares on calibration inputs ``x: [N, d_model]``.
+    """Fit ``ffn.router``'s logits to the true expert shares on calibration inputs
+    ``x: [N, d_model]``.
 
     Loss: soft-target cross-entropy ``-sum_e q_e log softmax(x Wrᵀ + br)_e`` with ``q`` the
     oracle share (:meth:`ConvertedFFN.oracle_share`); minimising it minimises KL(q || p).
@@ -252,7 +173,7 @@ def fit_router(
     n = x.shape[0]
     for _ in range(config.router_steps):
         idx = torch.randint(n, (min(config.router_batch, n),), generator=gen)
-        logp = router(x[idx]).log_softmax(-1)
+        logp = router.logits(x[idx]).log_softmax(-1)
         loss = -(q[idx] * logp).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,7 +181,7 @@ def fit_router(
         if bar is not None:
             bar.update(1)
     with torch.no_grad():
-        logp = router(x).log_softmax(-1)
+        logp = router.logits(x).log_softmax(-1)
         kl = (q * (q.clamp_min(1e-12).log() - logp)).sum(-1).mean()
     return {"router_kl": round(float(kl), 5)}
 
@@ -281,8 +202,7 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
 
 def set_mode(model: nn.Module, mode: str) -> None:
     """``learned`` / ``oracle`` routing, or ``dense`` (all neurons, plain GEMMs) everywhere."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     for f in _require_converted(model):
         f.set_mode(mode)
 
@@ -292,74 +212,6 @@ def _require_converted(model: nn.Module) -> list[ConvertedFFN]:
     if not ffns:
         raise ValueError(f"{type(model).__name__} has no converted FFNs")
     return ffns
-
-
-# ---------------------------------------------------------------------------------- save / load
-
-
-def save_converted(model: nn.Module, out_dir: str | Path, manifest: dict, tokenizer=None) -> Path:
-    """Write ``config.json`` (the base HF config), tokenizer files, ``model.safetensors`` (all
-    weights, converted FFNs included) and ``xmoe_convert.json`` (the manifest). No pickle."""
-    from safetensors.torch import save_model
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    save_model(model, str(out / WEIGHTS))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
-
-
-def load_converted(path: str | Path, with_tokenizer: bool = True):
-    """Rebuild a converted model from ``path``: the HF class from the saved config, its FFNs
-    replaced by empty :class:`ConvertedFFN` of the manifest's shapes, then the saved weights
-    (strict). Returns ``(model, tokenizer or None, manifest)``; the model is in eval mode."""
-    import transformers
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise ValueError(f"{str(path)!r} is not a converted model directory (no {MANIFEST})")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
-    cls = getattr(transformers, manifest["model_class"], None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ValueError(
-            f"{mpath}: model_class {manifest['model_class']!r} is not a transformers model"
-        )
-    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    model = cls(hf_config)
-    sites = find_ffns(model)
-    layers = manifest["layers"]
-    if len(sites) != len(layers) or sites[0].adapter is not ADAPTERS_BY_NAME[manifest["adapter"]]:
-        raise ValueError(
-            f"{mpath}: the manifest's FFNs do not match the model built from config.json"
-        )
-    cfg = manifest["config"]
-    for site, info in zip(sites, layers, strict=True):
-        dense = site.adapter.extract(site.owner)
-        ffn = ConvertedFFN(
-            info["d_model"],
-            info["d_ff"],
-            cfg["num_experts"],
-            dense.act,
-            gated=info["gated"],
-            bias=info["bias"],
-            threshold=cfg["threshold"],
-            mode=cfg["router"],
-            backend=cfg["backend"],
-        )
-        install_ffn(model, site, ffn)
-    load_model(model, str(path / WEIGHTS), strict=True)
-    model.eval()
-    tokenizer = None
-    if with_tokenizer and (path / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer, manifest
 
 
 def _versions() -> dict:
@@ -373,21 +225,3 @@ def _versions() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-def as_sentence_transformer(model: nn.Module, base_path: str | Path, device: str = "cpu"):
-    """A ``SentenceTransformer`` pipeline loaded from ``base_path`` (e.g. the installed MiniLM:
-    its pooling and normalisation modules) whose transformer is the converted ``model``."""
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(base_path), device=device)
-    first = st[0]
-    # sentence-transformers >= 5 keeps the HF model in ``.model`` (``auto_model`` is a read-only
-    # alias); older versions store it in ``auto_model``.
-    if isinstance(getattr(type(first), "auto_model", None), property):
-        first.model = model.to(device)
-    else:
-        first.auto_model = model.to(device)
-    if first.auto_model is not model:
-        raise RuntimeError("could not install the converted model into the SentenceTransformer")
-    return st

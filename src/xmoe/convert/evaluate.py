@@ -23,6 +23,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from .._io import markdown_table
 from .convert import converted_ffns, set_mode, set_threshold
 from .ffn import ConvertedFFN
 
@@ -175,86 +176,24 @@ def environment() -> dict:
     }
 
 
+TABLE_COLUMNS = (
+    ("num_experts", "E", "{}"),
+    ("split", "split", "{}"),
+    ("router", "router", "{}"),
+    ("threshold", "t", "{:g}"),
+    ("experts_per_token", "experts/tok", "{:.2f}"),
+    ("ffn_flop_fraction", "FFN FLOPs", "{:.1%}"),
+    ("cos_mean", "cos mean", "{:.4f}"),
+    ("cos_p5", "cos p5", "{:.4f}"),
+    ("top1_agreement", "top-1 agree", "{:.1%}"),
+)
+SPEED_COLUMNS = (
+    ("ffn_speedup", "FFN speedup", "{:.2f}x"),
+    ("encoder_speedup", "encoder speedup", "{:.2f}x"),
+)
+
+
 def format_table(rows: list[dict], with_speed: bool) -> str:
-    head = [
-        "E",
-        "split",
-        "router",
-        "t",
-        "experts/tok",
-        "FFN FLOPs",
-        "cos mean",
-        "cos p5",
-        "top-1 agree",
-    ]
-    if with_speed:
-        head += ["FFN speedup", "encoder speedup"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
-            str(r["num_experts"]),
-            r.get("split", "-"),
-            r["router"],
-            f"{r['threshold']:g}",
-            f"{r['experts_per_token']:.2f}",
-            f"{r['ffn_flop_fraction']:.1%}",
-            f"{r['cos_mean']:.4f}",
-            f"{r['cos_p5']:.4f}",
-            f"{r['top1_agreement']:.1%}",
-        ]
-        if with_speed:
-            cells += [f"{r[k]:.2f}x" if k in r else "-" for k in ("ffn_speedup", "encoder_speedup")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_sweep(rows: list[dict], path, title: str = "") -> None:
-    """Cosine (top) and top-1 agreement (bottom) against the FFN FLOP fraction, one column per
-    E; colour = split, solid = learned router, dashed = oracle; dotted lines mark the targets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    experts = sorted({r["num_experts"] for r in rows})
-    splits = sorted({r["split"] for r in rows})
-    colors = dict(zip(splits, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
-    fig, axes = plt.subplots(2, len(experts), figsize=(4.2 * len(experts), 7), squeeze=False)
-    for col, e in enumerate(experts):
-        for split in splits:
-            for router, style in (("learned", "-"), ("oracle", "--")):
-                pts = sorted(
-                    (r["ffn_flop_fraction"], r["cos_mean"], r["top1_agreement"])
-                    for r in rows
-                    if r["num_experts"] == e and r["split"] == split and r["router"] == router
-                )
-                if not pts:
-                    continue
-                x = [p[0] for p in pts]
-                label = f"{split}, {router}"
-                for row in (0, 1):  # row 0: cosine, row 1: top-1 agreement
-                    y = [p[row + 1] for p in pts]
-                    axes[row][col].plot(
-                        x, y, style, marker="o", ms=3, color=colors[split], label=label
-                    )
-        ax = axes[0][col]
-        ax.set_title(f"E = {e}")
-        ax.plot([0.3, 0.3], [0.95, 1.0], ":", color="k", lw=1)
-        ax.plot([0.5, 0.5], [0.98, 1.0], ":", color="k", lw=1)
-        ax.plot([0, 0.3], [0.95, 0.95], ":", color="k", lw=1)
-        ax.plot([0, 0.5], [0.98, 0.98], ":", color="k", lw=1)
-        ax.set_ylabel("mean cosine vs dense")
-        axes[1][col].set_ylabel("top-1 NN agreement")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xlabel("FFN FLOP fraction")
-            ax.set_xlim(0, 1.05)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    from pathlib import Path
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """The evaluation rows as a markdown table (no trailing newline); missing cells print "-"."""
+    columns = TABLE_COLUMNS + (SPEED_COLUMNS if with_speed else ())
+    return markdown_table(rows, columns).rstrip("\n")

@@ -1,4 +1,4 @@
-"""The converted FFN: a dense FFN's neurons sliced into E experts, run sparsely by a threshold rule.
+"""The converted FFN: a dense FFN's neurons sliced into E experts, an :class:`xmoe.MoE`.
 
 A dense FFN ``y = act(x W1ᵀ + b1) W2ᵀ + b2`` (or, gated, ``(act(x Wgᵀ + bg) * (x Wuᵀ + bu)) W2ᵀ
 + b2``) is a sum over its ``d_ff`` neurons. Grouping the neurons into E equal slices gives E
@@ -6,10 +6,12 @@ experts whose partial outputs sum to the dense output exactly (up to float summa
 
     y = sum_e expert_e(x) + b2,   expert_e(x) = act(x W1[S_e]ᵀ + b1[S_e]) W2[:, S_e]ᵀ
 
-Per token, :class:`ConvertedFFN` keeps the smallest set of experts whose *share* reaches the
-threshold ``t`` and computes only those (gather kept (token, expert) pairs, sort by expert, one
-GEMM per segment: :mod:`xmoe.moe.dispatch` + :class:`xmoe.Experts`). Kept experts are not reweighted:
-each is exactly its slice of neurons, so ``t = 1`` reproduces the dense FFN.
+:class:`ConvertedFFN` is an :class:`xmoe.MoE`: its router is a :class:`~.router.SliceRouter`
+(per token, the smallest set of experts whose *share* reaches the threshold ``t``, each with
+weight 1), its experts are :class:`xmoe.Experts` with the dense FFN's own activation callable and
+no per-expert output bias, and its combine adds the rows unscaled onto ``b2``, once per token.
+Kept experts are not reweighted: each is exactly its slice of neurons, so ``t = 1`` reproduces
+the dense FFN.
 
 The share comes from one of three modes (switchable at run time, :meth:`ConvertedFFN.set_mode`):
 - ``learned``: ``softmax(x Wrᵀ + br)``, a linear router fitted to predict the oracle share;
@@ -27,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..moe.dispatch import permute, plan_dispatch
+from .._checks import check_choice, check_int
+from ..moe.dispatch import DispatchPlan, permute
 from ..moe.experts import Experts
-from ..routing.base import Routing, pairs_from_sorted
-from ..routing.selection import threshold_keep
+from ..moe.layer import MoE
+from .router import SliceRouter
 
 MODES = ("learned", "oracle", "dense")
 
@@ -80,94 +83,13 @@ class DenseFFN:
         return F.linear(self.neuron_acts(x), self.w2, self.b2)
 
 
-class SliceExperts(Experts):
-    """:class:`xmoe.Experts` whose activation is any callable (e.g. GPT-2's tanh GELU) and whose
-    second-layer bias is left to the caller (it must be added once per token, not per expert).
-
-    ``bias`` controls ``b1`` (and ``b3`` when gated); ``b2`` is always None. When ``act`` is
-    numerically identical to one of xmoe's built-in activations (exact GELU, ReLU, SiLU), the
-    fast built-in backends run it; otherwise ``auto`` uses the ``loop`` backend, which calls
-    ``act`` itself.
-    """
-
-    def __init__(
-        self,
-        num_experts: int,
-        d_model: int,
-        d_expert: int,
-        act: Callable[[Tensor], Tensor],
-        gated: bool,
-        bias: bool,
-        backend: str = "auto",
-    ) -> None:
-        native = builtin_activation(act)
-        name = "swiglu" if gated else (native or "gelu")  # "swiglu" makes Experts create w3
-        super().__init__(num_experts, d_model, d_expert, name, bias, backend)
-        self.b2 = None
-        self.act_fn = act
-        self.native = native is not None and (not gated or native == "silu")
-
-    def resolve_backend(self, dtype: torch.dtype, device: torch.device | None = None) -> str:
-        if self.backend == "auto" and not self.native:
-            return "loop"  # the only backend that calls act_fn
-        if self.backend != "loop" and not self.native:
-            raise ValueError(
-                f"backend={self.backend!r} supports only gelu/relu/silu; this FFN's activation "
-                f"{type(self.act_fn).__name__} needs backend='loop' or 'auto'"
-            )
-        return super().resolve_backend(dtype, device)
-
-    def _ffn(self, x: Tensor, expert_idx: Tensor, mm) -> Tensor:
-        dtype = x.dtype
-        h = mm(x, "w1")
-        if self.b1 is not None:
-            h = h + self.b1.to(dtype).index_select(0, expert_idx)
-        h = self.act_fn(h)
-        if self.glu:
-            g = mm(x, "w3")
-            if self.b3 is not None:
-                g = g + self.b3.to(dtype).index_select(0, expert_idx)
-            h = h * g
-        return mm(h, "w2")
-
-
-def builtin_activation(act: Callable[[Tensor], Tensor]) -> str | None:
-    """``"gelu"``, ``"relu"`` or ``"silu"`` when ``act`` equals that function bit for bit on a grid
-    over [-8, 8] (so xmoe's own kernels are exact for it), else None."""
-    x = torch.linspace(-8, 8, 2001)
-    with torch.no_grad():
-        y = act(x)
-        for name, f in (("gelu", F.gelu), ("relu", F.relu), ("silu", F.silu)):
-            if torch.equal(y, f(x)):
-                return name
-    return None
-
-
-def threshold_routing(share: Tensor, threshold: float) -> Routing:
-    """XMoE threshold rule with unit weights.
-
-    ``share: [N, E]`` fp32 rows summing to 1. Per token, keep the smallest set of top experts
-    whose share reaches ``threshold`` (at least one; all at ``threshold >= 1``). Every kept pair
-    gets weight 1: an expert is a slice of the dense FFN, not a mixture component.
-    """
-    order = share.argsort(dim=-1, descending=True, stable=True)
-    ranked = share.gather(1, order)
-    keep = threshold_keep(ranked, threshold)
-    return pairs_from_sorted(ranked, order, keep, share.shape[-1], torch.ones_like(ranked))
-
-
-def check_threshold(threshold: float) -> float:
-    ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-    if not (ok and 0.0 < threshold <= 1.0):
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    return float(threshold)
-
-
-class ConvertedFFN(nn.Module):
-    """A dense FFN split into ``num_experts`` neuron slices with a threshold router.
+class ConvertedFFN(MoE):
+    """A dense FFN split into ``num_experts`` neuron slices: an :class:`xmoe.MoE` whose router is
+    a :class:`~.router.SliceRouter`.
 
     ``y = ffn(x)`` with ``x: [..., d_model]`` returns ``[..., d_model]``. After each call,
-    ``ffn.last_pairs`` / ``ffn.last_tokens`` hold the number of kept (token, expert) pairs and of
+    ``ffn.last_routing`` holds the call's :class:`~xmoe.Routing` (None in dense mode),
+    ``ffn.last_pairs`` / ``ffn.last_tokens`` the number of kept (token, expert) pairs and of
     tokens (Python ints; the threshold rule's ``nonzero`` syncs anyway), and, when
     ``ffn.record_kept`` is set, ``ffn.last_kept: [N]`` the experts kept per token.
 
@@ -179,10 +101,12 @@ class ConvertedFFN(nn.Module):
         bias: the dense FFN has biases (first-layer bias per neuron, second-layer bias once).
         threshold: t in (0, 1], the default keep threshold.
         mode: ``"learned"``, ``"oracle"`` or ``"dense"``.
-        backend: :class:`xmoe.Experts` backend.
+        backend: :class:`xmoe.Experts` backend (``auto`` runs ``loop`` for an activation that
+            is no built-in, e.g. GPT-2's tanh GELU).
 
-    Parameters / buffers: ``experts`` (the slices), ``out_bias [d_model]``, ``router`` (a
-    ``Linear(d_model, E)``), ``neuron_index [E, d_ff / E]`` (which dense neuron each slot holds).
+    Parameters / buffers: ``experts`` (the slices; no per-expert output bias), ``router`` (the
+    slice router: ``weight [E, d_model]``, ``bias [E]``), ``out_bias [d_model]``,
+    ``neuron_index [E, d_ff / E]`` (which dense neuron each slot holds).
     """
 
     def __init__(
@@ -197,27 +121,20 @@ class ConvertedFFN(nn.Module):
         mode: str = "learned",
         backend: str = "auto",
     ) -> None:
-        super().__init__()
         check_num_experts(num_experts, d_ff)
         d_expert = d_ff // num_experts
-        self.d_model, self.d_ff, self.num_experts, self.d_expert = (
-            d_model,
-            d_ff,
-            num_experts,
-            d_expert,
+        experts = Experts(
+            num_experts, d_model, d_expert, act, bias, backend, glu=gated, output_bias=False
         )
+        router = SliceRouter(d_model, num_experts, threshold)
+        super().__init__(d_model, num_experts, d_expert, router=router, experts=experts)
+        self.d_ff = d_ff
         self.gated = gated
-        self.experts = SliceExperts(num_experts, d_model, d_expert, act, gated, bias, backend)
         self.out_bias = nn.Parameter(torch.zeros(d_model)) if bias else None
-        self.router = nn.Linear(d_model, num_experts)
-        nn.init.zeros_(self.router.weight)
-        nn.init.zeros_(self.router.bias)
         self.register_buffer("neuron_index", torch.arange(d_ff).view(num_experts, d_expert))
-        self.threshold = check_threshold(threshold)
         self.mode = "learned"
         self.set_mode(mode)
         self._dense_cache: tuple | None = None  # (weight versions, concatenated weights)
-        self.last_pairs = 0
         self.last_tokens = 0
         self.record_kept = False  # when True, forward stores last_kept: [N] experts per token
         self.last_kept: Tensor | None = None
@@ -259,12 +176,15 @@ class ConvertedFFN(nn.Module):
     # ------------------------------------------------------------------ configuration
 
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, MODES)
+
+    @property
+    def threshold(self) -> float:
+        """The keep threshold t (the slice router's)."""
+        return self.router.threshold
 
     def set_threshold(self, threshold: float) -> None:
-        self.threshold = check_threshold(threshold)
+        self.router.set_threshold(threshold)
 
     def to_dense(self) -> DenseFFN:
         """The dense FFN these slices form (neurons in slot order, not the original order)."""
@@ -276,7 +196,7 @@ class ConvertedFFN(nn.Module):
             b1=None if ex.b1 is None else ex.b1.reshape(-1),
             w2=ex.w2.reshape(E * h, d).T,
             b2=self.out_bias,
-            act=ex.act_fn,
+            act=ex.act.fn,
             w3=None if ex.w3 is None else cat_in(ex.w3),
             b3=None if ex.b3 is None else ex.b3.reshape(-1),
         )
@@ -288,32 +208,45 @@ class ConvertedFFN(nn.Module):
             raise ValueError(f"x must have shape [..., {self.d_model}], got {tuple(x.shape)}")
         flat = x.reshape(-1, self.d_model)
         n = flat.shape[0]
+        self.last_tokens = n
         if self.mode == "dense":
+            self.last_routing = None
             y = self._dense_forward(flat)
-            self.last_pairs, self.last_tokens = n * self.num_experts, n
-            if self.record_kept:
-                self.last_kept = torch.full((n,), self.num_experts, device=x.device)
-            return y.reshape(x.shape)
-        routing = threshold_routing(self.expert_share(flat), self.threshold)
-        plan = plan_dispatch(routing)
-        rows = self.experts(permute(flat, plan), plan.counts, plan.expert_idx)
-        # Combine: every weight is 1, so skip unpermute's per-row scaling and add rows directly.
-        base = self.out_bias.to(rows.dtype).expand(n, -1) if self.out_bias is not None else None
-        y = (rows.new_zeros(n, self.d_model) if base is None else base.clone()).index_add_(
-            0, plan.token_idx, rows
-        )
-        self.last_pairs, self.last_tokens = routing.num_pairs, n
+        else:
+            share = self.oracle_share(flat) if self.mode == "oracle" else None
+            y, self.last_routing = self.forward_with_routing(flat, share=share)
         if self.record_kept:
-            self.last_kept = torch.bincount(routing.token_idx, minlength=n)
-        return y.to(x.dtype).reshape(x.shape)
+            r = self.last_routing
+            self.last_kept = (
+                torch.full((n,), self.num_experts, device=x.device)
+                if r is None
+                else torch.bincount(r.token_idx, minlength=n)
+            )
+        return y.reshape(x.shape)
+
+    def dispatch_and_combine(self, flat: Tensor, plan: DispatchPlan) -> Tensor:
+        """permute → experts → the sum per token, onto the output bias (added once per token).
+
+        Every kept pair has weight 1 (an expert is a slice of neurons), so the rows are added
+        unscaled: the experts get no row weights, and there is no weighted unpermute.
+        """
+        rows = self.experts(permute(flat, plan), plan.counts, plan.expert_idx)
+        n = plan.num_tokens
+        if self.out_bias is None:
+            out = rows.new_zeros(n, self.d_model)
+        else:
+            out = self.out_bias.to(rows.dtype).expand(n, -1).clone()
+        return out.index_add_(0, plan.token_idx, rows)
+
+    @property
+    def last_pairs(self) -> int:
+        """Kept (token, expert) pairs of the last call (all ``N * E`` in dense mode)."""
+        r = self.last_routing
+        return self.last_tokens * self.num_experts if r is None else r.num_pairs
 
     def expert_share(self, x: Tensor) -> Tensor:
         """``x: [N, d_model]`` → ``[N, E]`` fp32 share of each expert (rows sum to 1)."""
-        if self.mode == "oracle":
-            return self.oracle_share(x)
-        if self.threshold >= 1.0:  # every expert is kept whatever the scores
-            return x.new_full((x.shape[0], self.num_experts), 1.0 / self.num_experts).float()
-        return self.router(x.float()).softmax(dim=-1)
+        return self.oracle_share(x) if self.mode == "oracle" else self.router.share(x)
 
     def expert_mass(self, x: Tensor) -> Tensor:
         """``[N, E]`` activation mass: ``sum_{j in e} |a_j| * ||w2[:, j]||`` (a bound on the norm
@@ -339,7 +272,7 @@ class ConvertedFFN(nn.Module):
             )
             self._dense_cache = (key, ws)
         w1, b1, w2, b2, w3, b3 = self._dense_cache[1]
-        return DenseFFN(w1, b1, w2, b2, self.experts.act_fn, w3, b3)(x)
+        return DenseFFN(w1, b1, w2, b2, self.experts.act.fn, w3, b3)(x)
 
     # ------------------------------------------------------------------ accounting
 
@@ -357,9 +290,8 @@ class ConvertedFFN(nn.Module):
 
 
 def check_num_experts(num_experts: int, d_ff: int) -> None:
-    ok = isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 1
-    if not ok:
-        raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+    """An integer >= 1 that divides ``d_ff``."""
+    check_int("num_experts", num_experts, 1)
     if d_ff % num_experts:
         raise ValueError(
             f"num_experts={num_experts} does not divide the FFN width d_ff={d_ff}; "

@@ -17,9 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_int, check_range
 from ..routing import Router
-from ..routing.base import _check_int
-from .experts import ACTIVATIONS, BACKENDS, Experts
+from .activations import ELEMENTWISE, builtin_name
+from .experts import BACKENDS, Experts
 from .layer import MoE
 
 MASK_UNITS = ("weight", "hidden")
@@ -67,14 +68,12 @@ def diversify_experts(
         ValueError: a bad option, an Experts base with more than one expert, or an FFN base
             whose shape or activation is not supported.
     """
-    _check_int("num_experts", num_experts, 1)
-    _check_ratio(mask_ratio)
-    if not (_is_number(noise_std) and math.isfinite(noise_std) and noise_std >= 0):
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
-    if mask_unit not in MASK_UNITS:
-        raise ValueError(f"mask_unit must be one of {MASK_UNITS}, got {mask_unit!r}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_int("num_experts", num_experts, 1)
+    check_range("mask_ratio", mask_ratio, 0.0, 1.0, high_open=True)
+    check_range("noise_std", noise_std, 0.0, math.inf)
+    check_choice("mask_unit", mask_unit, MASK_UNITS)
+    if backend is not None:
+        check_choice("backend", backend, BACKENDS)
     base, spec = _base_tensors(experts_or_ffn, activation)
     d_model, d_expert = base["w1"].shape
     out = Experts(
@@ -146,14 +145,11 @@ def spawn_moe(
         num_experts,
         experts.d_expert,
         router=router,
-        activation=experts.activation,
-        bias=experts.b1 is not None,
         capacity_factor=capacity_factor,
         eval_capacity_factor=eval_capacity_factor,
-        backend=experts.backend,
+        experts=experts,
         **router_options,
     )
-    moe.experts = experts
     return moe.to(device=experts.w1.device)
 
 
@@ -179,9 +175,8 @@ def _base_tensors(base: Experts | nn.Module, activation: str | None) -> tuple[di
             f"dense FFN shapes do not chain: fc {fc.in_features}->{fc.out_features}, "
             f"proj {proj.in_features}->{proj.out_features}"
         )
-    act = activation if activation is not None else _activation_name(getattr(base, "act", None))
-    if act not in ACTIVATIONS or act == "swiglu":
-        raise ValueError(f"activation must be one of ('gelu', 'relu', 'silu'), got {act!r}")
+    act = activation if activation is not None else builtin_name(getattr(base, "act", None))
+    check_choice("activation", act, tuple(ELEMENTWISE))
     w1, w2 = fc.weight.detach().t(), proj.weight.detach().t()
     tensors = {"w1": w1, "w2": w2}
     bias = fc.bias is not None or proj.bias is not None
@@ -189,16 +184,6 @@ def _base_tensors(base: Experts | nn.Module, activation: str | None) -> tuple[di
         tensors["b1"] = fc.bias.detach() if fc.bias is not None else w1.new_zeros(w1.shape[1])
         tensors["b2"] = proj.bias.detach() if proj.bias is not None else w2.new_zeros(w2.shape[1])
     return tensors, {"activation": act, "bias": bias, "backend": "auto"}
-
-
-def _activation_name(act: nn.Module | None) -> str | None:
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return "gelu"
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    if isinstance(act, nn.SiLU):
-        return "silu"
-    return None
 
 
 def _masks(
@@ -230,12 +215,3 @@ def _masks(
     return {
         name: m.expand(num_experts, *base[name].shape) for name, m in masks.items() if name in base
     }
-
-
-def _check_ratio(value: float) -> None:
-    if not (_is_number(value) and 0.0 <= value < 1.0):
-        raise ValueError(f"mask_ratio must be a number in [0, 1), got {value!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,31 +1,42 @@
 """Stacked expert weights and the grouped compute backends.
 
-Expert ``e`` computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; GLU activations (``swiglu``)
-compute ``silu(x @ w1[e] + b1[e]) * (x @ w3[e] + b3[e]) @ w2[e] + b2[e]``.
+Expert ``e`` computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; gated (GLU) activations
+(``swiglu``, or ``glu=True``) compute
+``act(x @ w1[e] + b1[e]) * (x @ w3[e] + b3[e]) @ w2[e] + b2[e]``.
+``act`` is a built-in name or any elementwise callable (:mod:`xmoe.moe.activations`).
 
 Backends (all compute only the rows they are given, i.e. only kept pairs):
-- ``segment``: one hand-written autograd node (:mod:`xmoe.moe.kernels.segment_ffn`): per-segment GEMMs
-  into preallocated buffers, elementwise work batched over all rows, weight gradients written
-  straight into stacked buffers. Any dtype, any shape. The fastest on CPU.
+- ``segment``: one hand-written autograd node (:mod:`xmoe.moe.kernels.segment_ffn`): per-segment
+  GEMMs into preallocated buffers, elementwise work batched over all rows, weight gradients
+  written straight into stacked buffers. Any dtype, any shape, built-in activations only (its
+  backward is written by hand). The fastest on CPU.
 - ``grouped_mm``: ``torch._grouped_mm`` over contiguous segments with int32 offsets, autograd
   through PyTorch's own backward. Needs 16-byte aligned row strides (d_model and d_expert
   multiples of 4 in fp32, 8 in bf16). One kernel per GEMM on CUDA.
 - ``loop``: one autograd GEMM per non-empty segment (the plain reference).
-- ``auto``: ``grouped_mm`` on CUDA where it works, ``segment`` otherwise.
+- ``auto``: ``grouped_mm`` on CUDA where it works, else ``segment``, else (a callable activation
+  that is no built-in) ``loop``.
+
+A callable activation runs through autograd (``grouped_mm``, ``loop``); one that equals a
+built-in bit for bit (e.g. Hugging Face's exact ``GELUActivation``) is recognised as that
+built-in, so ``segment`` runs it too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..routing.base import _check_int
-from .kernels.segment_ffn import activate, segment_ffn
+from .._checks import check_choice, check_int
+from .activations import ACTIVATIONS, resolve_activation
+from .kernels.grouped import grouped_mm_supported
+from .kernels.segment_ffn import segment_ffn
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+__all__ = ["ACTIVATIONS", "BACKENDS", "Experts", "compute_dtype", "grouped_mm_supported"]
+
 BACKENDS = ("auto", "segment", "grouped_mm", "loop")
 
 
@@ -36,9 +47,13 @@ class Experts(nn.Module):
         num_experts: E >= 1.
         d_model: input and output width.
         d_expert: hidden width of each expert.
-        activation: one of ``"gelu"`` (exact erf), ``"relu"``, ``"silu"``, ``"swiglu"`` (GLU).
+        activation: ``"gelu"`` (exact erf), ``"relu"``, ``"silu"``, ``"swiglu"`` (GLU), or any
+            elementwise callable ``[A, h] -> [A, h]``.
         bias: add ``b1 [E, d_expert]`` and ``b2 [E, d_model]`` (and ``b3`` for GLU).
         backend: one of ``"auto"``, ``"segment"``, ``"grouped_mm"``, ``"loop"``.
+        glu: gate the activation with a second input projection ``w3`` (``"swiglu"`` always is).
+        output_bias: add ``b2``; default: as ``bias``. False when the caller adds the output bias
+            once per token (a dense FFN sliced into experts).
 
     Parameters: ``w1 [E, d_model, d_expert]``, ``w2 [E, d_expert, d_model]``, ``w3`` like ``w1``
     for GLU. Every expert is initialised independently (nn.Linear's default bounds).
@@ -49,28 +64,36 @@ class Experts(nn.Module):
         num_experts: int,
         d_model: int,
         d_expert: int,
-        activation: str = "gelu",
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
         bias: bool = True,
         backend: str = "auto",
+        *,
+        glu: bool = False,
+        output_bias: bool | None = None,
     ) -> None:
         super().__init__()
-        _check_int("num_experts", num_experts, 1)
-        _check_int("d_model", d_model, 1)
-        _check_int("d_expert", d_expert, 1)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_int("num_experts", num_experts, 1)
+        check_int("d_model", d_model, 1)
+        check_int("d_expert", d_expert, 1)
+        self.act = resolve_activation(activation, glu)
+        check_choice("backend", backend, BACKENDS)
+        if backend == "segment" and self.act.builtin is None:
+            raise ValueError(
+                f"backend='segment' supports only the built-in activations {ACTIVATIONS}; "
+                f"the callable {type(activation).__name__} needs backend='loop', 'grouped_mm' or "
+                "'auto'"
+            )
         self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
         self.activation = activation
         self.backend = backend
-        self.glu = activation == "swiglu"
+        self.glu = self.act.glu
         E = num_experts
         self.w1 = nn.Parameter(torch.empty(E, d_model, d_expert))
         self.w2 = nn.Parameter(torch.empty(E, d_expert, d_model))
         self.w3 = nn.Parameter(torch.empty(E, d_model, d_expert)) if self.glu else None
         self.b1 = nn.Parameter(torch.empty(E, d_expert)) if bias else None
-        self.b2 = nn.Parameter(torch.empty(E, d_model)) if bias else None
+        out_bias = bias if output_bias is None else output_bias
+        self.b2 = nn.Parameter(torch.empty(E, d_model)) if out_bias else None
         self.b3 = nn.Parameter(torch.empty(E, d_expert)) if bias and self.glu else None
         self.reset_parameters()
 
@@ -90,13 +113,14 @@ class Experts(nn.Module):
         return 2 * self.d_model * self.d_expert * (3 if self.glu else 2)
 
     def resolve_backend(self, dtype: torch.dtype, device: torch.device | None = None) -> str:
-        """The backend ``auto`` picks: ``grouped_mm`` on CUDA when supported, else ``segment``."""
+        """The backend ``auto`` picks: ``grouped_mm`` on CUDA when supported, else ``segment``
+        (``loop`` for a callable activation that is no built-in)."""
         if self.backend != "auto":
             return self.backend
         on_cuda = device is not None and device.type == "cuda"
         if on_cuda and grouped_mm_supported(dtype, self.d_model, self.d_expert):
             return "grouped_mm"
-        return "segment"
+        return "segment" if self.act.builtin is not None else "loop"
 
     def forward(
         self, x: Tensor, counts: Tensor, expert_idx: Tensor, weight: Tensor | None = None
@@ -127,7 +151,7 @@ class Experts(nn.Module):
                 self.b1,
                 self.b2,
                 self.b3,
-                self.activation,
+                self.act.builtin,
                 weight,
             )
         y = self._unweighted(x, counts, expert_idx, dtype, backend)
@@ -156,13 +180,12 @@ class Experts(nn.Module):
         h = mm(x, "w1")
         if self.b1 is not None:
             h = h + self.b1.to(dtype).index_select(0, expert_idx)
+        h = self.act.fn(h)
         if self.glu:
             g = mm(x, "w3")
             if self.b3 is not None:
                 g = g + self.b3.to(dtype).index_select(0, expert_idx)
-            h = F.silu(h) * g
-        else:
-            h = activate(h, self.activation)
+            h = h * g
         y = mm(h, "w2")
         if self.b2 is not None:
             y = y + self.b2.to(dtype).index_select(0, expert_idx)
@@ -187,7 +210,8 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
-            f"activation={self.activation!r}, bias={self.b1 is not None}, backend={self.backend!r}"
+            f"activation={self.activation!r}, glu={self.glu}, bias={self.b1 is not None}, "
+            f"output_bias={self.b2 is not None}, backend={self.backend!r}"
         )
 
 
@@ -197,14 +221,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def grouped_mm_supported(dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
-    """Whether ``torch._grouped_mm`` accepts these shapes: fp32/bf16, 16-byte aligned rows."""
-    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16):
-        return False
-    per_16_bytes = 128 // torch.finfo(dtype).bits
-    return d_model % per_16_bytes == 0 and d_expert % per_16_bytes == 0
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -27,8 +27,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..activations import GATED, activation_backward, activation_fn
+from .grouped import grouped_mm_supported
 
 
 def segment_ffn(
@@ -51,9 +53,11 @@ def segment_ffn(
         counts: ``[E]`` int64 segment lengths (sum ``A``), on ``x``'s device. Read on the host
             (one sync) only when the shapes need the per-segment ``torch.mm`` fallback.
         expert_idx: ``[A]`` int64 expert of each row (used for the bias gradients).
-        w1, w3: ``[E, d, h]`` (``w3`` only for ``activation="swiglu"``); w2: ``[E, h, d]``.
+        w1, w3: ``[E, d, h]``; w2: ``[E, h, d]``. ``w3`` (the gate's up projection) makes the FFN
+            gated, ``act(x w1 + b1) * (x w3 + b3)``; None for a plain FFN.
         b1, b3: ``[E, h]`` or None; b2: ``[E, d]`` or None.
-        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"swiglu"``.
+        activation: a built-in name (:data:`xmoe.moe.activations.ACTIVATIONS`); ``"swiglu"`` is
+            ``"silu"`` (with ``w3``, which it needs).
         row_weight: ``[A]`` combine weight of each row (any float dtype, differentiable), or None.
     Returns:
         ``[A, d]`` in ``x``'s dtype, each row scaled by its ``row_weight``. Parameters
@@ -64,19 +68,14 @@ def segment_ffn(
 
 
 def _grouped_ok(*tensors: Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: fp32/bf16, 16-byte aligned strides."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        per_16_bytes = 16 // t.element_size()
-        # Row strides must be 16-byte multiples: the last dim, and for a stacked [E, m, n]
-        # weight also m (it may be used transposed). The row count of a 2D operand is free.
-        dims = t.shape[-1:] if t.dim() == 2 else t.shape[-2:]
-        if any(n % per_16_bytes for n in dims):
-            return False
-    return True
+    """Whether ``torch._grouped_mm`` takes these operands (one dtype, aligned row strides).
+
+    Row strides are the last dim, and for a stacked ``[E, m, n]`` weight also ``m`` (it may be
+    used transposed); the row count of a 2D operand is free.
+    """
+    dtype = tensors[0].dtype
+    widths = [n for t in tensors for n in (t.shape[-1:] if t.dim() == 2 else t.shape[-2:])]
+    return all(t.dtype == dtype for t in tensors) and grouped_mm_supported(dtype, *widths)
 
 
 class _Segments(NamedTuple):
@@ -142,28 +141,14 @@ def _bias_grad(g: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
     return g.new_zeros(num_experts, g.shape[1]).index_add_(0, expert_idx, g)
 
 
-def activate(h: Tensor, activation: str) -> Tensor:
-    """``gelu`` (exact erf), ``relu`` or ``silu`` of ``h``."""
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    return F.silu(h)
-
-
-def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h)
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, h, 0)
-    return torch.ops.aten.silu_backward(grad, h)
-
-
 class _SegmentFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, expert_idx, activation, row_weight, w1, w2, w3, b1, b2, b3):
         dtype = x.dtype
-        glu = activation == "swiglu"
+        if activation in GATED and w3 is None:
+            raise ValueError(f"activation={activation!r} needs the gate weight w3")
+        act = activation_fn(activation)
+        glu = w3 is not None
         with torch.autocast(x.device.type, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)
             w1c, w2c, w3c = cast(w1), cast(w2), cast(w3)
@@ -175,10 +160,10 @@ class _SegmentFFN(torch.autograd.Function):
                 h3 = _segment_mm(x, w3c, segs)
                 if b3 is not None:
                     h3 += cast(b3).index_select(0, expert_idx)
-                h = F.silu(h1) * h3
+                h = act(h1) * h3
             else:
                 h3 = None
-                h = activate(h1, activation)
+                h = act(h1)
             rw = None if row_weight is None else row_weight.to(dtype).unsqueeze(1)
             y = _segment_mm(h if rw is None else h * rw, w2c, segs)
             b2c = None if b2 is None else cast(b2)
@@ -200,9 +185,10 @@ class _SegmentFFN(torch.autograd.Function):
         need = ctx.needs_input_grad
         with torch.autocast(x.device.type, enabled=False):
             gy = gy.to(x.dtype).contiguous()
-            glu = activation == "swiglu"
-            s1 = F.silu(h1) if glu else None
-            h = s1 * h3 if glu else activate(h1, activation)
+            glu = w3 is not None
+            act = activation_fn(activation)
+            s1 = act(h1) if glu else None
+            h = s1 * h3 if glu else act(h1)
             grads = [None] * 11
             if need[6]:
                 grads[6] = _segment_wgrad(h if rw is None else h * rw, gy, segs)
@@ -219,10 +205,10 @@ class _SegmentFFN(torch.autograd.Function):
             del h
             if glu:
                 g3 = gh * s1
-                g1 = _act_backward(gh * h3, h1, "silu")
+                g1 = activation_backward(gh * h3, h1, activation)
             else:
                 g3 = None
-                g1 = _act_backward(gh, h1, activation)
+                g1 = activation_backward(gh, h1, activation)
             del gh
             if need[5]:
                 grads[5] = _segment_wgrad(x, g1, segs)
