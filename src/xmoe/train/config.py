@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .._checks import check_int
+from .._checks import check_int, is_number
 from .._io import atomic_write
 from ..models.gpt import GPTConfig
 
@@ -91,14 +91,10 @@ class RunConfig:
             raise ValueError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
-        evo = self.model.moe.evo
-        if evo is not None:
-            step = evo.diversify_step
-            if not (isinstance(step, int) and not isinstance(step, bool) and 0 < step < t.steps):
-                raise ValueError(
-                    "model.moe.evo.diversify_step must be an integer in [1, train.steps), "
-                    f"got {step!r}"
-                )
+        if self.model.moe.evo is not None:  # diversify inside the run: [1, train.steps)
+            check_int(
+                "model.moe.evo.diversify_step", self.model.moe.evo.diversify_step, 1, t.steps - 1
+            )
         self.validate_parallel()
         if self.data.vocab_size != self.model.vocab_size:
             raise ValueError(
@@ -181,7 +177,7 @@ def _coerce(path: str, hint, value):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, inner[0], value) if len(inner) == 1 else value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and is_number(value):
         return float(value)
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))

@@ -18,7 +18,7 @@ from ..models.gpt import GPT, routing_summary
 from .config import RunConfig
 from .evaluate import evaluate
 from .evo_recipe import EvoRecipe
-from .step_stats import StepOutput
+from .step_stats import StepOutput, mean_or_none
 
 
 def evo_recipe(cfg: RunConfig) -> EvoRecipe | None:
@@ -104,13 +104,13 @@ class LMTask:
             "val_loss": final["val_loss"],
             "val_ppl": final["val_ppl"],
             "unigram_ppl": self.data.unigram_ppl(),
-            "experts_per_token": _mean(ept_layers),
+            "experts_per_token": mean_or_none(ept_layers),
             "experts_per_token_per_layer": ept_layers,
             "moe_compute_ratio": final["val_moe_compute_ratio"],
-            "dropped_fraction": _mean(final["val_dropped_fraction"]),
-            "load_imbalance": _mean(final["val_load_imbalance"]),
+            "dropped_fraction": mean_or_none(final["val_dropped_fraction"]),
+            "load_imbalance": mean_or_none(final["val_load_imbalance"]),
             "load_imbalance_per_layer": final["val_load_imbalance"],
-            "null_fraction": _mean(final.get("val_null_fraction", [])),
+            "null_fraction": mean_or_none(final.get("val_null_fraction", [])),
             "val_tokens": final["val_tokens"],
             "steps": state["step"],
             "tokens_seen": state["tokens_seen"],
@@ -130,7 +130,3 @@ class LMTask:
                 "machine": platform.machine(),
             },
         }
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .lm_task import LMTask
 from .run_dir import RunDir
 from .schedule import lr_at
-from .step_stats import StepStats
+from .step_stats import StepStats, mean_or_none
 from .task import Task
 from .world import World, make_world
 
@@ -141,7 +141,7 @@ def _train(
             state["train_time_s"] = base_time + time.perf_counter() - started
 
             routing = task.routing_summary(model, stats.experts_per_token, stats.dropped_fraction)
-            ept = _mean(stats.experts_per_token)
+            ept = mean_or_none(stats.experts_per_token)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{next(iter(stats.values.values()), stats.loss):.3f}",
@@ -222,7 +222,3 @@ def notify_step(model: torch.nn.Module, step: int, total_steps: int) -> None:
         set_step = getattr(module, "set_step", None)
         if callable(set_step):
             set_step(step, total_steps)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None

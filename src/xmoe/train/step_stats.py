@@ -78,3 +78,8 @@ def _router_losses(routings: list[Routing]) -> dict[str, float | None]:
         for name, value in r.losses.items():
             totals[name] = totals.get(name, 0.0) + value.item() / len(routings)
     return {k: (v if math.isfinite(v) else None) for k, v in totals.items()}
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    """The mean, or None for no values (a model without MoE layers)."""
+    return sum(values) / len(values) if values else None
