@@ -120,3 +120,15 @@ def test_swiglu_is_gated_silu():
     torch.testing.assert_close(
         swiglu(x, counts, expert_idx, weight), gated(x, counts, expert_idx, weight)
     )
+
+
+def test_backend_available_follows_the_grouped_mm_rule():
+    from xmoe.moe.experts import backend_available
+
+    assert backend_available("loop", torch.float64, 6, 5)
+    assert backend_available("segment", torch.float64, 6, 5)
+    aligned = grouped_mm_supported(torch.float32, 16, 8)
+    assert backend_available("grouped_mm", torch.float32, 16, 8) == aligned
+    assert not backend_available("grouped_mm", torch.float32, 16, 6)
+    with pytest.raises(ValueError, match="backend"):
+        backend_available("cuda", torch.float32, 16, 8)

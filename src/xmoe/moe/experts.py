@@ -35,7 +35,14 @@ from .activations import ACTIVATIONS, resolve_activation
 from .kernels.grouped import grouped_mm_supported
 from .kernels.segment_ffn import segment_ffn
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "Experts", "compute_dtype", "grouped_mm_supported"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "Experts",
+    "backend_available",
+    "compute_dtype",
+    "grouped_mm_supported",
+]
 
 BACKENDS = ("auto", "segment", "grouped_mm", "loop")
 
@@ -221,6 +228,14 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def backend_available(backend: str, dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
+    """Whether ``backend`` can run experts of these widths in ``dtype`` on this install."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "grouped_mm":
+        return grouped_mm_supported(dtype, d_model, d_expert)
+    return True
 
 
 class _ContiguousGrad(torch.autograd.Function):
