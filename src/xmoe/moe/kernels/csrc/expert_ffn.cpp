@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -318,9 +319,10 @@ void for_each_item(int64_t n_items, bool parallel, const F& f) {
   std::atomic<int64_t> next{0};
   int64_t nt = std::min<int64_t>(at::get_num_threads(), n_items);
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    int old = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    static const bool pin = MKL_Set_Num_Threads_Local && !std::getenv("XMOE_NATIVE_NO_MKL_PIN");
+    int old = pin ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t i = next++; i < n_items; i = next++) f(i);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(old);
+    if (pin) MKL_Set_Num_Threads_Local(old);
   });
 }
 
