@@ -73,12 +73,15 @@ def parse_router(spec: str) -> tuple[str, dict, float | None]:
     )
 
 
-def build_problem(spec: ProblemSpec, router_scale: float | None = None) -> Problem:
+def build_problem(
+    spec: ProblemSpec, router_scale: float | None = None, device: str | torch.device = "cpu"
+) -> Problem:
     """Build the problem deterministically from ``spec.seed``.
 
     For a target experts/token (``"t0.9@1.5"``) the router's logits are scaled by a factor found
     by bisection (larger logits → sharper probabilities → fewer experts); pass ``router_scale``
-    to reuse a factor found before.
+    to reuse a factor found before. Everything is built on the CPU from the seed (the same
+    numbers on every device), then moved to ``device``.
     """
     name, options, target = parse_router(spec.router)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -103,7 +106,24 @@ def build_problem(spec: ProblemSpec, router_scale: float | None = None) -> Probl
         order = torch.argsort(routing.token_idx * k + routing.rank, stable=True)
         topk_idx = routing.expert_idx[order].view(-1, k)
         topk_weight = routing.weight[order].view(-1, k)
-    return Problem(spec, x, routing, experts, topk_idx, topk_weight, router_scale)
+    problem = Problem(spec, x, routing, experts, topk_idx, topk_weight, router_scale)
+    return problem if torch.device(device).type == "cpu" else _to(problem, torch.device(device))
+
+
+def _to(problem: Problem, device: torch.device) -> Problem:
+    r = problem.routing
+    moved = {
+        f: getattr(r, f).to(device) for f in ("token_idx", "expert_idx", "weight", "rank", "score")
+    }
+    to = lambda t: None if t is None else t.to(device)
+    return dataclasses.replace(
+        problem,
+        x=problem.x.to(device),
+        routing=dataclasses.replace(r, **moved),
+        experts=problem.experts.to(device),
+        topk_idx=to(problem.topk_idx),
+        topk_weight=to(problem.topk_weight),
+    )
 
 
 def _scale_for_target(route, target: float, iters: int = 40) -> float:

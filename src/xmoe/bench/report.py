@@ -111,7 +111,7 @@ def cpu_flags() -> list[str]:
     return sorted({f for f in line.split(":", 1)[-1].split() if f.startswith(keep)})
 
 
-def environment(quick: bool, command: str, seconds: float) -> dict:
+def environment(quick: bool, command: str, seconds: float, device: str = "cpu") -> dict:
     """Device, CPU model and flags, threads, torch, commit: recorded with every figure."""
     try:
         commit = subprocess.run(
@@ -131,7 +131,7 @@ def environment(quick: bool, command: str, seconds: float) -> dict:
         suite="quick" if quick else "full",
         command=command,
         date=dt.datetime.now().isoformat(timespec="seconds"),
-        device="cpu",
+        device=device if device == "cpu" else torch.cuda.get_device_name(),
         cpu=cpu,
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         cpu_flags=cpu_flags(),

@@ -133,6 +133,7 @@ def time_job(job: Job, problem, progress=None) -> list[dict]:
         else problem.experts_per_token
     )
     grad = torch.randn(job.spec.num_tokens, job.spec.d_model, generator=torch.Generator())
+    grad = grad.to(problem.x.device)
     for dtype in job.dtypes:
         variants = build_variants(problem, DTYPES[dtype], list(job.variants or []) or None)
         inputs = next(iter(variants.values())).inputs if variants else None
@@ -174,14 +175,18 @@ def time_job(job: Job, problem, progress=None) -> list[dict]:
 def _time_once(variant, pass_: str, grad: torch.Tensor) -> float:
     for p in (variant.inputs.x, *variant.params[1:]):
         p.grad = None
+    sync = torch.cuda.synchronize if grad.is_cuda else (lambda: None)
+    sync()
     if pass_ == "fwd":
         with torch.inference_mode():
             start = time.perf_counter()
             variant.run()
+            sync()
             return time.perf_counter() - start
     start = time.perf_counter()
     out = variant.run()
     out.backward(grad.to(out.dtype))
+    sync()
     return time.perf_counter() - start
 
 
@@ -199,23 +204,27 @@ def run_suite(
     jobs: list[Job] | None = None,
     memory_probes: list[tuple[ProblemSpec, str]] | None = None,
     target: tuple[ProblemSpec, ProblemSpec] = (TARGET_TOP2, TARGET_THRESHOLD),
+    device: str = "cpu",
 ) -> dict:
     """Run the suite, write ``bench-<quick|full>-<stamp>.json`` (+ ``.md``, ``.png``).
 
     ``jobs``, ``memory_probes`` and ``target`` (the top-2 and threshold specs the headline ratios
-    compare) default to the quick or full plan; tests pass tiny ones.
+    compare) default to the quick or full plan; tests pass tiny ones. ``device="cuda"`` runs
+    the same plan on the GPU (memory probes are CPU-only and are skipped there).
     """
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
     if jobs is None:
         jobs, planned_memory = plan(quick)
         memory_probes = planned_memory if memory_probes is None else memory_probes
-    memory_probes = memory_probes or []
+    memory_probes = (memory_probes or []) if device == "cpu" else []
     started = time.time()
     rows: list[dict] = []
     scales: dict[ProblemSpec, float] = {}
     bar = tqdm(total=sum(map(_n_runs, jobs)), desc="bench", unit="run", disable=not progress)
     for job in jobs:
         spec = job.problem_spec()
-        problem = build_problem(spec, scales.get(spec))
+        problem = build_problem(spec, scales.get(spec), device)
         scales[spec] = problem.router_scale
         bar.set_postfix_str(job.spec.key)
         rows += time_job(job, problem, bar)
@@ -230,13 +239,14 @@ def run_suite(
                 dict(config=spec.key, spec=spec.__dict__, variant=variant, peak_mib=peak / 2**20)
             )
     ratios, gflops = target_ratios(rows, *target)
-    meta = environment(quick, command, time.time() - started)
+    meta = environment(quick, command, time.time() - started, device)
     result = dict(
         meta=meta, ratios=ratios, gflops=gflops, targets=TARGETS, results=rows, memory=memory
     )
     result["met"] = {k: meets(ratios.get(k), *TARGETS[k]) for k in TARGETS}
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench-{'quick' if quick else 'full'}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    name = f"bench-{'quick' if quick else 'full'}{'' if device == 'cpu' else '-' + device}"
+    stem = out_dir / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     atomic_write(stem.with_suffix(".json"), json.dumps(result, indent=1))
     atomic_write(stem.with_suffix(".md"), markdown(result))
     png = plot(result, stem.with_suffix(".png"))

@@ -105,7 +105,10 @@ def _dense(problem: Problem, inp: Inputs, dtype: torch.dtype) -> Variant:
     spec = problem.spec
     width = max(1, round(problem.experts_per_token * spec.d_expert))
     gen = torch.Generator().manual_seed(spec.seed + 1)
-    init = lambda *shape: (torch.randn(*shape, generator=gen) / math.sqrt(shape[0])).to(dtype)
+    device = problem.x.device
+    init = lambda *shape: (torch.randn(*shape, generator=gen) / math.sqrt(shape[0])).to(
+        device, dtype
+    )
     d1, d3, d2 = (
         init(spec.d_model, width).requires_grad_(True),
         init(spec.d_model, width).requires_grad_(True),
@@ -124,7 +127,7 @@ def _loop(problem: Problem, inp: Inputs, w1, w2, w3) -> Variant:
 
     def run():
         x, r = inp.x, inp.routing
-        out = torch.zeros(x.shape, dtype=torch.float32)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in range(E):
             (pos,) = torch.where(r.expert_idx == e)
             if pos.numel() == 0:
@@ -149,7 +152,7 @@ def _capacity(problem: Problem, inp: Inputs, w1, w2, w3, capacity_factor: float 
     counts = torch.bincount(r.expert_idx, minlength=E)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel()) - starts[r.expert_idx[order]]
+    pos[order] = torch.arange(order.numel(), device=order.device) - starts[r.expert_idx[order]]
     keep = pos < C
     slot = (r.expert_idx * C + pos)[keep]
     tok, weight = r.token_idx[keep], r.weight[keep]
@@ -159,7 +162,7 @@ def _capacity(problem: Problem, inp: Inputs, w1, w2, w3, capacity_factor: float 
         buf = x.new_zeros(E * C, x.shape[1]).index_copy(0, slot, x.index_select(0, tok))
         buf = buf.view(E, C, -1)
         y = torch.bmm(F.silu(torch.bmm(buf, w1)) * torch.bmm(buf, w3), w2).view(E * C, -1)
-        out = torch.zeros(x.shape, dtype=torch.float32)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         return out.index_add(0, tok, y.index_select(0, slot).float() * weight[:, None])
 
     dropped = 1 - keep.float().mean().item()
@@ -188,17 +191,9 @@ def _xmoe(problem: Problem, inp: Inputs, experts: Experts, dtype: torch.dtype, b
 
 
 def _available(backend: str, dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
-    if backend == "grouped_mm":
-        from ..moe.experts import grouped_mm_supported
+    from ..moe.experts import BACKENDS, backend_available
 
-        return grouped_mm_supported(dtype, d_model, d_expert)
-    if backend == "native":
-        try:
-            from ..moe.kernels.native_ffn import native_available
-        except ImportError:
-            return False
-        return native_available()
-    return True
+    return backend in BACKENDS and backend_available(backend, dtype, d_model, d_expert)
 
 
 def _hf(problem: Problem, inp: Inputs, w1, w2, w3, impl: str):
