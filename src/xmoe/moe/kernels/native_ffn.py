@@ -125,8 +125,10 @@ def _load() -> ModuleType | None:
             _status = "disabled (XMOE_NATIVE=0)"
             return None
         tag, flags = _isa()
+        # at::parallel_for is inline OpenMP: without -fopenmp it runs serially
+        cflags = ["-O3", "-std=c++17", "-fopenmp", *flags]
         key = hashlib.sha256(
-            _SRC.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()
+            _SRC.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()
         ).hexdigest()[:12]
         name = f"xmoe_native_ffn_{tag}_{key}"
         try:
@@ -136,7 +138,8 @@ def _load() -> ModuleType | None:
             _ext = load(
                 name,
                 [str(_SRC)],
-                extra_cflags=["-O3", "-std=c++17", *flags],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(_build_dir(name)),
                 verbose=False,
             )
