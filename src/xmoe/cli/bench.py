@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._io import atomic_write
 from .options import command_line
 
 
@@ -20,6 +21,12 @@ def add_parser(sub) -> None:
         "--out", default="benchmarks/results", help="output directory (default: %(default)s)"
     )
     b.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    b.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where to run the suite (cuda: `make gpu-check`; default: %(default)s)",
+    )
     b.add_argument(
         "--comm",
         action="store_true",
@@ -48,7 +55,9 @@ def bench_command(args) -> int:
 
         print(profile_target())
         return 0
-    result = run_suite(args.quick, Path(args.out), not args.no_progress, command_line(args))
+    result = run_suite(
+        args.quick, Path(args.out), not args.no_progress, command_line(args), device=args.device
+    )
     print(ratio_table(result))
     if args.comm:
         from ..bench.comm import format_table, run_comm_bench
@@ -56,14 +65,14 @@ def bench_command(args) -> int:
         rows = run_comm_bench()
         print(format_table(rows))
         comm_path = Path(result["files"][0]).with_suffix(".comm.json")
-        comm_path.write_text(json.dumps(rows, indent=1))
+        atomic_write(comm_path, json.dumps(rows, indent=1))
         result["files"].append(str(comm_path))
     print("files: " + ", ".join(result["files"]))
     return 0
 
 
 def ratio_table(result: dict) -> str:
-    lines = ["ratio (target config: fp32 fwd+bwd, N=4096 d=512 E=64x128)   value   target   met"]
+    lines = ["ratio (N=4096 d=512 E=64x128; decode N=1, 8)             value   target   met"]
     for key, value in result["ratios"].items():
         op, bound = result["targets"].get(key, ("", None))
         target = f"{op} {bound:g}" if bound is not None else ""

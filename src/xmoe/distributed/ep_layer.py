@@ -128,6 +128,8 @@ def expert_slice(experts: Experts, start: int, count: int) -> Experts:
             experts.activation,
             experts.b1 is not None,
             experts.backend,
+            glu=experts.glu,
+            output_bias=experts.b2 is not None,
         )
     for name, p in experts.named_parameters(recurse=False):
         shard = p.detach()[start : start + count].clone()

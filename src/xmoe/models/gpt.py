@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..moe.activations import activation_module
 from ..moe.config import MoEConfig
 from ..moe.experts import Experts
 from ..moe.layer import MoE
 from ..routing import Routing
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -60,12 +62,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """``x: [B, T, C]``; with ``cache``, the T tokens follow its ``cache.length`` ones."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.append(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            past = cache.length
+            k, v = cache.append(layer, k, v)
+            # Query i (position past + i) sees keys 0..past + i: all of them when T == 1.
+            mask = None
+            if T > 1:
+                rows = torch.arange(T, device=x.device)[:, None] + past
+                mask = torch.arange(past + T, device=x.device)[None, :] <= rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -74,7 +89,7 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff)
         self.proj = nn.Linear(d_ff, d_model)
-        self.act = {"gelu": nn.GELU(), "relu": nn.ReLU(), "silu": nn.SiLU()}[activation]
+        self.act = activation_module(activation)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.act(self.fc(x)))
@@ -98,8 +113,10 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
-    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Routing | None]:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(
+        self, x: Tensor, token_ids: Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> tuple[Tensor, Routing | None]:
+        x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         h = self.ln2(x)
         if isinstance(self.ffn, MoE):
             y, routing = self.ffn.forward_with_routing(h, token_ids=token_ids)
@@ -158,18 +175,26 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
-        """``idx: [B, T]`` token ids (T <= block_size); ``targets: [B, T]`` or None."""
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> GPTOutput:
+        """``idx: [B, T]`` token ids; ``targets: [B, T]`` or None. With ``cache`` the tokens
+        continue the cached ones (positions from ``cache.length``); past + T <= block_size."""
         B, T = idx.shape
-        if self.cfg.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        past = 0 if cache is None else cache.length
+        if self.cfg.block_size < past + T:
+            raise ValueError(
+                f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}"
+            )
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         routings: list[Routing] = []
-        for block in self.blocks:
-            x, routing = block(x, idx)
+        for i, block in enumerate(self.blocks):
+            x, routing = block(x, idx, cache, i)
             if routing is not None:
                 routings.append(routing)
+        if cache is not None:
+            cache.advance(T)
         logits = self.head(self.ln_f(x))
         if targets is None:
             return GPTOutput(logits, None, None, routings)
@@ -193,21 +218,54 @@ class GPT(nn.Module):
                     total = total + coef * value / len(routings)
         return total
 
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``block_size`` tokens."""
+        c = self.cfg
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = self.tok_emb.weight.device
+        head_dim = c.d_model // c.n_head
+        return KVCache.empty(c.n_layer, batch, c.n_head, c.block_size, head_dim, dtype, device)
+
     @torch.no_grad()
     def generate(
-        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
-        """Sample ``max_new_tokens`` continuations of ``idx: [B, T]``."""
+        """Sample ``max_new_tokens`` continuations of ``idx: [B, T]``.
+
+        With ``use_cache`` (the default) each step runs the model on the one new token and
+        reads the earlier ones' keys and values from a :class:`KVCache`. The learned positions
+        end at ``block_size``: when the cache is full, the last ``block_size // 2`` tokens are
+        encoded again into a fresh cache (so the context slides by half a window at a time,
+        and never drops below half a window). Up to ``block_size`` tokens the logits equal
+        those of ``use_cache=False``, which recomputes the last ``block_size`` tokens per step.
+        """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_int("max_new_tokens", max_new_tokens, 0)
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"idx must be [B, T] with T >= 1, got {tuple(idx.shape)}")
+        window = self.cfg.block_size
+        cache = self.new_cache(idx.shape[0]) if use_cache else None
+        step_input = idx[:, -window:]
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.cfg.block_size :]
-            logits = self(ctx).logits[:, -1, :].float() / temperature
+            if cache is None:
+                logits = self(idx[:, -window:]).logits[:, -1, :]
+            else:
+                if cache.length + step_input.shape[1] > window:
+                    cache, step_input = self.new_cache(idx.shape[0]), idx[:, -(window // 2) :]
+                logits = self(step_input, cache=cache).logits[:, -1, :]
+            logits = logits.float() / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             nxt = torch.multinomial(logits.softmax(-1), 1)
             idx = torch.cat([idx, nxt], dim=1)
+            step_input = nxt
         return idx
 
     def num_params(self) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """The MoE layer and what it runs on: dispatch, stacked experts, kernels, EvoMoE surgery."""
 
+from .config import MoEConfig
 from .dispatch import (
     DispatchPlan,
     apply_capacity,
@@ -15,6 +16,7 @@ __all__ = [
     "DispatchPlan",
     "Experts",
     "MoE",
+    "MoEConfig",
     "apply_capacity",
     "expert_capacity",
     "permute",
