@@ -20,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from .._checks import check_int, is_number
+from .._checks import check_choice, check_int, is_number
 from .._io import atomic_write
 from ..models.gpt import GPTConfig
+from .precision import PRECISIONS
 
 # A layer of overrides: dotted keys -> Python values, or the CLI's "key=value" strings.
 Overrides = Mapping[str, object] | Sequence[str]
@@ -54,6 +55,9 @@ class TrainConfig:
     seed: int = 1337
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     time_limit_s: float = 0.0  # stop early (with a checkpoint) after this many seconds; 0: none
+    # fp32, or bf16 autocast (fp32 master weights and routers); auto: bf16 where the hardware
+    # has native bf16 (AVX-512 BF16 / AMX / CUDA), else fp32 (train/precision.py).
+    precision: str = "fp32"
 
 
 @dataclass
@@ -89,6 +93,7 @@ class RunConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         if t.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
+        check_choice("train.precision", t.precision, PRECISIONS)
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if self.model.moe.evo is not None:  # diversify inside the run: [1, train.steps)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .checkpoint import load_weights
 from .config import RunConfig
 from .lm_task import LMTask
+from .precision import autocast, resolve_precision
 from .run_dir import RunDir
 from .schedule import lr_at
 from .step_stats import StepStats, mean_or_none
@@ -124,7 +125,8 @@ def _train(
                 group["lr"] = lr
             notify_step(model, step, t.steps)
             step_start = time.perf_counter()
-            out = task.loss(model, world.shard(task.train_batch(step)))
+            with autocast(t.precision):
+                out = task.loss(model, world.shard(task.train_batch(step)))
             # all ranks stop at the same step: when any rank's clock is over
             over_time = bool(t.time_limit_s) and time.perf_counter() - started > t.time_limit_s
             stats = StepStats.gather(out, over_time, world.mean)
@@ -164,7 +166,8 @@ def _train(
                     }
                 )
             if (step + 1) % t.eval_every == 0 and step + 1 < t.steps and world.evaluates:
-                result = task.evaluate(model, t.eval_tokens)
+                with autocast(t.precision):
+                    result = task.evaluate(model, t.eval_tokens)
                 log({"split": "val", "step": step + 1, **result})
                 say(f"step {step + 1}: {task.describe(result)}")
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
@@ -178,11 +181,13 @@ def _train(
 
     summary = None
     if world.evaluates:
-        final = task.evaluate(model, None)
+        with autocast(t.precision):
+            final = task.evaluate(model, None)
         log({"split": "val", "step": state["step"], "final": True, **final})
     if world.is_main:
         summary = task.summary(model, state, final)
         summary.update(world.summary(model))
+        summary["precision"] = resolve_precision(t.precision)
         run.write_summary(summary)
     return world.broadcast(summary)  # every rank returns rank 0's summary
 
