@@ -15,7 +15,7 @@ from conftest import (
     router_probs,
 )
 
-BACKENDS = ["loop", "grouped_mm", "segment"]
+BACKENDS = ["loop", "grouped_mm", "segment", "native"]
 
 
 def _steer_router(moe, favour, scale=10.0):

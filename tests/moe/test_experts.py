@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from xmoe import Experts
 from xmoe.moe.experts import grouped_mm_supported
+from xmoe.moe.kernels.native_ffn import native_available
 
 D, H, E = 16, 8, 4
 SIZES = [5, 0, 7, 3]  # one empty expert
@@ -66,13 +67,15 @@ def test_callable_activation_matches_the_loop_oracle(backend, glu, bias):
 
 
 @pytest.mark.parametrize("glu", [False, True])
-def test_callable_equal_to_a_builtin_runs_the_segment_kernel(glu):
-    """nn.GELU() is F.gelu bit for bit: it runs `segment` and matches the named "gelu"."""
+def test_callable_equal_to_a_builtin_runs_a_hand_written_kernel(glu):
+    """nn.GELU() is F.gelu bit for bit: it runs `native` (GELU; the native kernel gates only
+    SiLU) or `segment` (GEGLU, or no native build) and matches the named "gelu"."""
     torch.manual_seed(0)
     module_act = Experts(E, D, H, torch.nn.GELU(), glu=glu)
     named = Experts(E, D, H, "gelu", glu=glu, backend="loop")
     named.load_state_dict(module_act.state_dict())
-    assert module_act.resolve_backend(torch.float32) == "segment"
+    expected = "native" if native_available() and not glu else "segment"
+    assert module_act.resolve_backend(torch.float32) == expected
     x, counts, expert_idx, weight = _inputs(1)
     y = module_act(x, counts, expert_idx, weight)
     want = named(x, counts, expert_idx, weight)

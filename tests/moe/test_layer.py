@@ -88,7 +88,7 @@ def _check_layer_against_oracle(moe, x, atol=1e-5):
     return routing
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment", "native"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("cf", list(CAPACITIES.values()), ids=list(CAPACITIES))
 @pytest.mark.parametrize("router_cfg", list(ROUTERS.values()), ids=list(ROUTERS))
@@ -101,7 +101,7 @@ def test_layer_output_and_grads_match_loop_oracle(router_cfg, cf, bias, backend)
         assert routing.dropped_fraction > 0  # cf=0.5 must actually exercise drops
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment", "native"])
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "swiglu"])
 @pytest.mark.parametrize(
     "router_cfg",

@@ -326,7 +326,7 @@ def build(cfg, training, cf, backend):
     return moe.train(training)
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "segment", "native"])
 @pytest.mark.parametrize("cf", list(CAPACITIES.values()), ids=list(CAPACITIES))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_router_output_and_grads_match_loop_oracle(case, cf, backend):

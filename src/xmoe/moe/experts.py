@@ -6,6 +6,11 @@ Expert ``e`` computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; gated (GLU) ac
 ``act`` is a built-in name or any elementwise callable (:mod:`xmoe.moe.activations`).
 
 Backends (all compute only the rows they are given, i.e. only kept pairs):
+- ``native``: the C++ CPU kernel (:mod:`xmoe.moe.kernels.native_ffn`), built at first use: one
+  call for all experts, threads over (expert, row-chunk) items, fp32 through BLAS and bf16
+  through an AVX-512 BF16 micro-kernel over prepacked weights, forward and backward. Built-in
+  activations (gated: SwiGLU only), fp32 / bf16. Where it cannot run (no compiler, another
+  dtype or device) it hands the call to ``segment``.
 - ``segment``: one hand-written autograd node (:mod:`xmoe.moe.kernels.segment_ffn`): per-segment
   GEMMs into preallocated buffers, elementwise work batched over all rows, weight gradients
   written straight into stacked buffers. Any dtype, any shape, built-in activations only (its
@@ -14,8 +19,9 @@ Backends (all compute only the rows they are given, i.e. only kept pairs):
   through PyTorch's own backward. Needs 16-byte aligned row strides (d_model and d_expert
   multiples of 4 in fp32, 8 in bf16). One kernel per GEMM on CUDA.
 - ``loop``: one autograd GEMM per non-empty segment (the plain reference).
-- ``auto``: ``grouped_mm`` on CUDA where it works, else ``segment``, else (a callable activation
-  that is no built-in) ``loop``.
+- ``auto``: ``grouped_mm`` on CUDA where it works; on CPU ``native`` where it is built and
+  applies, else ``segment``; ``loop`` for a callable activation that is no built-in.
+  ``XMOE_NATIVE=0`` in the environment turns the native kernel off.
 
 A callable activation runs through autograd (``grouped_mm``, ``loop``); one that equals a
 built-in bit for bit (e.g. Hugging Face's exact ``GELUActivation``) is recognised as that
@@ -33,6 +39,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int
 from .activations import ACTIVATIONS, resolve_activation
 from .kernels.grouped import grouped_mm_supported
+from .kernels.native_ffn import native_available, native_ffn
 from .kernels.segment_ffn import segment_ffn
 
 __all__ = [
@@ -44,7 +51,7 @@ __all__ = [
     "grouped_mm_supported",
 ]
 
-BACKENDS = ("auto", "segment", "grouped_mm", "loop")
+BACKENDS = ("auto", "native", "segment", "grouped_mm", "loop")
 
 
 class Experts(nn.Module):
@@ -84,9 +91,9 @@ class Experts(nn.Module):
         check_int("d_expert", d_expert, 1)
         self.act = resolve_activation(activation, glu)
         check_choice("backend", backend, BACKENDS)
-        if backend == "segment" and self.act.builtin is None:
+        if backend in ("segment", "native") and self.act.builtin is None:
             raise ValueError(
-                f"backend='segment' supports only the built-in activations {ACTIVATIONS}; "
+                f"backend={backend!r} supports only the built-in activations {ACTIVATIONS}; "
                 f"the callable {type(activation).__name__} needs backend='loop', 'grouped_mm' or "
                 "'auto'"
             )
@@ -120,14 +127,31 @@ class Experts(nn.Module):
         return 2 * self.d_model * self.d_expert * (3 if self.glu else 2)
 
     def resolve_backend(self, dtype: torch.dtype, device: torch.device | None = None) -> str:
-        """The backend ``auto`` picks: ``grouped_mm`` on CUDA when supported, else ``segment``
-        (``loop`` for a callable activation that is no built-in)."""
+        """The backend ``auto`` picks: ``grouped_mm`` on CUDA when supported; on CPU ``native``
+        when it is built and takes this activation and dtype, else ``segment`` (``loop`` for a
+        callable activation that is no built-in)."""
         if self.backend != "auto":
             return self.backend
         on_cuda = device is not None and device.type == "cuda"
         if on_cuda and grouped_mm_supported(dtype, self.d_model, self.d_expert):
             return "grouped_mm"
-        return "segment" if self.act.builtin is not None else "loop"
+        if self.act.builtin is None:
+            return "loop"
+        native = (
+            not on_cuda
+            and dtype in (torch.float32, torch.bfloat16)
+            and self.native_activation is not None
+            and native_available()
+        )
+        return "native" if native else "segment"
+
+    @property
+    def native_activation(self) -> str | None:
+        """The activation name the native kernel takes for these experts (None: it cannot)."""
+        name = self.act.builtin
+        if name is None or not self.glu:
+            return name
+        return "swiglu" if name == "silu" else None
 
     def forward(
         self, x: Tensor, counts: Tensor, expert_idx: Tensor, weight: Tensor | None = None
@@ -147,7 +171,21 @@ class Experts(nn.Module):
         dtype = compute_dtype(x)
         x = x.to(dtype)
         backend = self.resolve_backend(dtype, x.device)
-        if backend == "segment":
+        if backend == "native" and self.native_activation is not None:
+            return native_ffn(
+                x,
+                counts,
+                expert_idx,
+                self.w1,
+                self.w2,
+                self.w3,
+                self.b1,
+                self.b2,
+                self.b3,
+                self.native_activation,
+                weight,
+            )
+        if backend in ("segment", "native"):
             return segment_ffn(
                 x,
                 counts,
@@ -235,6 +273,8 @@ def backend_available(backend: str, dtype: torch.dtype, d_model: int, d_expert: 
     check_choice("backend", backend, BACKENDS)
     if backend == "grouped_mm":
         return grouped_mm_supported(dtype, d_model, d_expert)
+    if backend == "native":
+        return dtype in (torch.float32, torch.bfloat16) and native_available()
     return True
 
 
