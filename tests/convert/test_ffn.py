@@ -28,6 +28,10 @@ def test_converted_ffn_matches_dense_ffn_module_by_module(name):
     groups = split_neurons("random", dense, 8, seed=3)
     ffn = ConvertedFFN.from_dense(dense, groups, threshold=1.0)
     torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+    ffn.set_mode("oracle")  # the same t = 1 through the experts (learned mode short-cuts)
+    torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert ffn.last_routing is not None and ffn.last_pairs == 7 * 8
+    ffn.set_mode("learned")
     set_dense = ConvertedFFN.from_dense(dense, groups, mode="dense")
     torch.testing.assert_close(set_dense(x), dense(x), atol=1e-5, rtol=1e-5)
     # The sliced experts are a permutation of the neurons: to_dense() holds the same rows.
@@ -45,6 +49,7 @@ def test_hf_activation_is_used_exactly(name, backend):
     site = find_ffns(model)[0]
     dense = site.adapter.extract(site.owner)
     ffn = ConvertedFFN.from_dense(dense, split_neurons("random", dense, 4), threshold=1.0)
+    ffn.set_mode("oracle")  # through the experts: at t = 1 learned mode runs the dense FFN
     if backend == "segment" and native_available():
         backend = "native"  # a built-in activation runs a hand-written kernel: native first
     assert ffn.experts.resolve_backend(torch.float32) == backend
@@ -77,3 +82,16 @@ def test_oracle_keeps_experts_with_most_activation_mass():
         + ffn.out_bias
     )
     torch.testing.assert_close(y, want)
+
+
+def test_learned_mode_at_t1_short_cuts_to_the_dense_ffn():
+    model = MODELS["bert"]()
+    site = find_ffns(model)[0]
+    dense = site.adapter.extract(site.owner)
+    ffn = ConvertedFFN.from_dense(dense, split_neurons("random", dense, 4), threshold=1.0)
+    x = torch.randn(5, D)
+    torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert ffn.last_routing is None and ffn.last_pairs == 5 * 4
+    ffn.set_threshold(0.5)
+    ffn(x)
+    assert ffn.last_routing is not None and ffn.last_pairs < 5 * 4

@@ -16,11 +16,23 @@ def add_parser(sub) -> None:
         "compare", help="train several routers on the same GPT/corpus budget and tabulate them"
     )
     c.add_argument("--routers", help="comma-separated router or variant names (see --list)")
+    c.add_argument(
+        "--preset",
+        choices=("paper",),
+        help="paper: the XMoE paper's LM grid at equal total expert width (docs/results.md); "
+        "resumable, writes results.json/.md and pareto.png",
+    )
+    c.add_argument("--seeds", type=int, default=3, help="seeds per row with --preset (%(default)s)")
+    c.add_argument("--rows", help="with --preset: only these comma-separated rows")
     c.add_argument("--list", action="store_true", help="list the named variants and exit")
     c.add_argument("--steps", type=int, default=None, help="training steps per variant")
-    c.add_argument("--config", default="configs/demo.yaml", help="base config (%(default)s)")
+    c.add_argument(
+        "--config",
+        default=None,
+        help="base config (default: configs/demo.yaml; with --preset paper configs/paper.yaml)",
+    )
     add_set_option(c, "override a base config key for every variant")
-    c.add_argument("--out", default="runs/compare", help="output directory (%(default)s)")
+    c.add_argument("--out", default=None, help="output directory (runs/compare or runs/paper)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(handler=compare_command)
 
@@ -43,18 +55,62 @@ def compare_command(args) -> int:
         for name, spec in VARIANTS.items():
             print(f"{name:<22} {spec}")
         return 0
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.preset:
+        return _preset_command(args)
     if not args.routers:
         raise ValueError("--routers is required (comma-separated names; see --list)")
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not names:
+        raise ValueError(f"--routers names no router: {args.routers!r}")
     configs = variant_configs(
-        names, config=args.config, overrides=parse_overrides(args.overrides), steps=args.steps
+        names,
+        config=args.config or "configs/demo.yaml",
+        overrides=parse_overrides(args.overrides),
+        steps=args.steps,
     )
-    out = Path(args.out)
+    out = Path(args.out or "runs/compare")
     rows = run_comparison(configs, out, progress=not args.no_progress, command=command_line(args))
     print(results_table(rows))
     print(f"results: {out / 'results.md'} and results.json")
+    return 0
+
+
+def _preset_command(args) -> int:
+    """``xmoe compare --preset paper --seeds 3``: the resumable paper grid."""
+    from ..experiments.paper import PAPER_CONFIG, aggregate, paper_rows, run_grid
+    from ..train.config import load_config, parse_overrides
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    overrides = parse_overrides(args.overrides)
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    config = args.config or PAPER_CONFIG
+    rows = paper_rows(load_config(config, overrides).model.d_ff)
+    if args.rows:
+        wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - {r.name for r in rows})
+        if unknown or not wanted:
+            raise ValueError(f"--rows: unknown {unknown}; accepted: {[r.name for r in rows]}")
+        rows = [r for r in rows if r.name in wanted]
+    out = Path(args.out or "runs/paper")
+    records = run_grid(
+        rows,
+        list(range(args.seeds)),
+        out,
+        config=config,
+        overrides=overrides,
+        progress=not args.no_progress,
+        command=command_line(args),
+    )
+    for line in aggregate(records, rows):
+        print(
+            f"{line['row']:<20} ppl {line['val_ppl']:7.2f} ± {line['val_ppl_std']:.2f}  "
+            f"MoE FLOPs {line['moe_compute_ratio']:.3f}x  seeds {line['seeds']}"
+        )
+    print(f"results: {out / 'results.md'}, results.json, pareto.png")
     return 0
 
 

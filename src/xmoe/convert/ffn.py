@@ -209,7 +209,9 @@ class ConvertedFFN(MoE):
         flat = x.reshape(-1, self.d_model)
         n = flat.shape[0]
         self.last_tokens = n
-        if self.mode == "dense":
+        # At t >= 1 every expert is kept whatever the scores: the dense FFN computes exactly
+        # that, in one GEMM pair instead of E segments.
+        if self.mode == "dense" or (self.mode == "learned" and self.threshold >= 1.0):
             self.last_routing = None
             y = self._dense_forward(flat)
         else:

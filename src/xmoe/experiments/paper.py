@@ -1,0 +1,244 @@
+"""The XMoE paper's language-modelling comparison at our scale: equal total expert width, seeds.
+
+``xmoe compare --preset paper --seeds 3`` trains every row of :data:`PAPER_ROWS` for each seed
+on one base config (``configs/paper.yaml``: a GPT with MoE in every second block), then writes
+``results.json``, ``results.md`` and ``pareto.png`` (validation perplexity against active MoE
+FLOPs per token, mean ± std over seeds) into the output folder.
+
+The total expert width is fixed at 8·d_ff, scaling the paper's table (Switch 8×3072, top-2
+16×1536, XMoE 16×1536 / 32×768 / 64×384) down to d_ff = 512. The grid is resumable: each run
+has its own folder ``runs/<row>-s<seed>/``, a run whose ``summary.json`` exists is skipped, and
+the result files are rewritten after every run, so an interrupted grid continues where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._io import atomic_write, markdown_table
+
+PAPER_CONFIG = "configs/paper.yaml"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the grid: overrides of the base config, as typed values."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def _moe(num_experts: int, d_expert: int, router: str, **extra) -> dict:
+    out = {
+        "model.moe.num_experts": num_experts,
+        "model.moe.d_expert": d_expert,
+        "model.moe.router": router,
+    }
+    out.update({f"model.moe.{k}": v for k, v in extra.items()})
+    return out
+
+
+def paper_rows(d_ff: int = 512, recipe: dict | None = None) -> list[Row]:
+    """The rows at total expert width 8·d_ff. ``recipe`` adds ``model.moe`` overrides (typed
+    values, e.g. ``{"loss_coefs": {...}}``) to every XMoE row: the second pass of the issue."""
+    thr = {"threshold": 0.9}
+    xr = {k: v for k, v in (recipe or {}).items()}
+    top2_ept = 2 * (8 * d_ff // 16) / (d_ff // 8)  # experts of width d_ff/8 at top-2's FLOPs
+    return [
+        Row("dense", {"model.moe_every": 0}, "dense FFN of width d_ff in every block"),
+        Row(
+            "switch",
+            _moe(8, d_ff, "switch", router_options={}, capacity_factor=1.25),
+            "top-1, cf 1.25",
+        ),
+        Row("top2", _moe(16, d_ff // 2, "topk", router_options={"k": 2}), "the paper's top-k"),
+        Row("xmoe16", _moe(16, d_ff // 2, "threshold", router_options=thr, **xr)),
+        Row("xmoe32", _moe(32, d_ff // 4, "threshold", router_options=thr, **xr)),
+        Row("xmoe64", _moe(64, d_ff // 8, "threshold", router_options=thr, **xr)),
+        Row(
+            "xmoe64+soft_count",
+            _moe(
+                64,
+                d_ff // 8,
+                "threshold",
+                router_options=thr,
+                **{**xr, "loss_coefs": {**xr.get("loss_coefs", {}), "soft_count": 0.01}},
+            ),
+            "sparsity regulariser",
+        ),
+        Row(
+            "xmoe64@top2_flops",
+            _moe(
+                64,
+                d_ff // 8,
+                "threshold",
+                router_options={**thr, "target_experts_per_token": top2_ept},
+                **xr,
+            ),
+            f"budget controller: {top2_ept:g} experts/token = top-2's active FLOPs",
+        ),
+    ]
+
+
+def run_grid(
+    rows: list[Row],
+    seeds: list[int],
+    out_dir: Path,
+    *,
+    config: str | None = PAPER_CONFIG,
+    overrides: dict | None = None,
+    progress: bool = True,
+    command: str = "",
+    train_fn: Callable | None = None,
+) -> list[dict]:
+    """Train every (row, seed) not finished yet; returns the per-run records (all runs)."""
+    from ..train import train
+    from ..train.config import load_config
+
+    train_fn = train_fn or train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Validate every configuration before the first run starts.
+    planned = []
+    for row in rows:
+        for seed in seeds:
+            layers = [{"train.time_limit_s": 0.0}, overrides or {}, row.overrides]
+            cfg = load_config(config, *layers, {"train.seed": seed})
+            planned.append((row, seed, cfg))
+    records = []
+    for row, seed, cfg in planned:
+        run_dir = out_dir / "runs" / f"{_safe(row.name)}-s{seed}"
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+        else:
+            print(f"== {row.name} seed {seed} -> {run_dir}")
+            summary = train_fn(cfg, run_dir, overwrite=True, progress=progress)
+        records.append(run_record(row, seed, summary, cfg.model.d_model))
+        write_grid(out_dir, records, rows, command)
+    return records
+
+
+def run_record(row: Row, seed: int, summary: dict, d_model: int) -> dict:
+    """The figures of one run the tables need."""
+    ratio = summary.get("moe_compute_ratio")
+    d_ff = summary["d_ff"]
+    if ratio is None:  # the dense row: its FFN is the reference
+        ratio = 1.0
+    return {
+        "row": row.name,
+        "seed": seed,
+        "val_ppl": summary["val_ppl"],
+        "moe_compute_ratio": ratio,
+        # Active FLOPs per token of one MoE layer (2 GEMMs, 2 FLOPs per multiply-add).
+        "moe_gflops_per_token": ratio * 4 * d_model * d_ff / 1e9,
+        "experts_per_token": summary.get("experts_per_token"),
+        "experts_per_token_per_layer": summary.get("experts_per_token_per_layer"),
+        "load_imbalance": summary.get("load_imbalance"),
+        "tokens_per_s": summary.get("train_tokens_per_s"),
+        "train_time_s": summary.get("train_time_s"),
+    }
+
+
+def aggregate(records: list[dict], rows: list[Row]) -> list[dict]:
+    """Mean ± std over seeds, one line per row (in grid order)."""
+    out = []
+    for row in rows:
+        runs = [r for r in records if r["row"] == row.name]
+        if not runs:
+            continue
+        ppl = [r["val_ppl"] for r in runs]
+        line = {
+            "row": row.name,
+            "note": row.note,
+            "seeds": len(runs),
+            "val_ppl": statistics.fmean(ppl),
+            "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+        }
+        for key in ("moe_compute_ratio", "experts_per_token", "load_imbalance", "tokens_per_s"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            line[key] = statistics.fmean(values) if values else None
+        layers = [
+            r["experts_per_token_per_layer"] for r in runs if r.get("experts_per_token_per_layer")
+        ]
+        line["per_layer"] = (
+            " / ".join(f"{statistics.fmean(v):.2f}" for v in zip(*layers)) if layers else None
+        )
+        out.append(line)
+    return out
+
+
+COLUMNS = [
+    ("row", "row", "{}"),
+    ("seeds", "seeds", "{}"),
+    ("val_ppl", "val ppl (mean)", "{:.2f}"),
+    ("val_ppl_std", "± std", "{:.2f}"),
+    ("moe_compute_ratio", "MoE FLOPs vs dense FFN", "{:.3f}"),
+    ("experts_per_token", "experts/token", "{:.2f}"),
+    ("per_layer", "per MoE layer", "{}"),
+    ("load_imbalance", "load imbalance (max/mean)", "{:.2f}"),
+    ("tokens_per_s", "train tokens/s", "{:.0f}"),
+    ("note", "note", "{}"),
+]
+
+
+def write_grid(out_dir: Path, records: list[dict], rows: list[Row], command: str) -> list[Path]:
+    """``results.json`` (every run and the aggregate), ``results.md`` and ``pareto.png``."""
+    table = aggregate(records, rows)
+    atomic_write(
+        out_dir / "results.json",
+        json.dumps({"command": command, "rows": table, "runs": records}, indent=1),
+    )
+    text = (f"Command: `{command}`\n\n" if command else "") + markdown_table(table, COLUMNS)
+    atomic_write(out_dir / "results.md", text)
+    files = [out_dir / "results.json", out_dir / "results.md"]
+    png = plot_pareto(table, out_dir / "pareto.png")
+    return files + ([png] if png else [])
+
+
+def plot_pareto(table: list[dict], path: Path) -> Path | None:
+    """Validation perplexity vs active MoE FLOPs (× the dense FFN), error bars = std."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [r for r in table if r.get("moe_compute_ratio") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in points:
+        ax.errorbar(r["moe_compute_ratio"], r["val_ppl"], yerr=r["val_ppl_std"], fmt="o", capsize=3)
+        ax.annotate(
+            r["row"],
+            (r["moe_compute_ratio"], r["val_ppl"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("active MoE FLOPs per token (x dense FFN)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("equal total expert width 8·d_ff; mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    if (
+        max(r["moe_compute_ratio"] for r in points) / min(r["moe_compute_ratio"] for r in points)
+        > 8
+    ):
+        ax.set_xscale("log")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
