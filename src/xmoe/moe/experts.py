@@ -171,34 +171,12 @@ class Experts(nn.Module):
         dtype = compute_dtype(x)
         x = x.to(dtype)
         backend = self.resolve_backend(dtype, x.device)
-        if backend == "native" and self.native_activation is not None:
-            return native_ffn(
-                x,
-                counts,
-                expert_idx,
-                self.w1,
-                self.w2,
-                self.w3,
-                self.b1,
-                self.b2,
-                self.b3,
-                self.native_activation,
-                weight,
-            )
         if backend in ("segment", "native"):
-            return segment_ffn(
-                x,
-                counts,
-                expert_idx,
-                self.w1,
-                self.w2,
-                self.w3,
-                self.b1,
-                self.b2,
-                self.b3,
-                self.act.builtin,
-                weight,
-            )
+            # The hand-written kernels: native where it takes this activation, else segment.
+            native = backend == "native" and self.native_activation is not None
+            kernel, act = (native_ffn, self.native_activation) if native else (segment_ffn, None)
+            w, b = (self.w1, self.w2, self.w3), (self.b1, self.b2, self.b3)
+            return kernel(x, counts, expert_idx, *w, *b, act or self.act.builtin, weight)
         y = self._unweighted(x, counts, expert_idx, dtype, backend)
         return y if weight is None else y.to(weight.dtype) * weight.unsqueeze(-1)
 
