@@ -231,7 +231,13 @@ def plot_pareto(table: list[dict], path: Path) -> Path | None:
         max(r["moe_compute_ratio"] for r in points) / min(r["moe_compute_ratio"] for r in points)
         > 8
     ):
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = ax.get_xlim()
+        ax.set_xticks([v for v in (0.05, 0.1, 0.2, 0.5, 1, 2, 4, 8) if lo <= v <= hi])
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
