@@ -90,7 +90,7 @@ class ThresholdRouter(PreferenceRouter):
             return super().forward(x, **kwargs)
         self.threshold = self.budget.threshold
         routing = super().forward(x, **kwargs)
-        routing.extras["threshold"] = torch.tensor(self.threshold)
+        routing.extras["threshold"] = torch.tensor(self.threshold, dtype=torch.float64)
         if self.training:
             self.budget.update(self._global_rate(routing))
         return routing
