@@ -193,3 +193,26 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_task_defaults_to_lm_and_unknown_task_is_refused():
+    from xmoe.train.config import load_config
+
+    assert load_config().task == "lm"
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_config(None, {"task": "bogus"})
+
+
+def test_lm_task_takes_no_task_options():
+    from xmoe.train.config import load_config
+
+    with pytest.raises(ValueError, match="takes no task_options"):
+        load_config(None, {"task_options.foo": 1})
+
+
+def test_make_task_builds_the_lm_task():
+    from xmoe.train.config import load_config
+    from xmoe.train.lm_task import LMTask
+    from xmoe.train.tasks import make_task
+
+    assert isinstance(make_task(load_config()), LMTask)

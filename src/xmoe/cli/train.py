@@ -11,8 +11,12 @@ from .options import add_set_option
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a GPT with MoE FFNs on the corpus")
+    t = sub.add_parser("train", help="train a model (default: a GPT with MoE FFNs on the corpus)")
     t.add_argument("--config", help="YAML config (defaults apply to missing keys)")
+    t.add_argument(
+        "--task",
+        help="what to train: lm (default), exit, translate; same as --set task=NAME",
+    )
     add_set_option(t, "override a config key, e.g. --set model.moe.router_options.threshold=0.8")
     t.add_argument(
         "--run-dir", default="runs/default", help="output directory (default: %(default)s)"
@@ -69,6 +73,9 @@ def train_command(args) -> int:
     if args.data:
         overrides.pop("data.path", None)
         overrides["data.path"] = args.data
+    if args.task:
+        overrides.pop("task", None)
+        overrides["task"] = args.task
     if args.resume:
         if args.config:
             raise ValueError("--resume uses the run's saved config.yaml; drop --config")

@@ -75,12 +75,19 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
+    # what is trained (train/tasks.py): "lm" (the GPT language model), "exit", "translate"
+    task: str = "lm"
+    # the task's own settings; each task documents and checks its keys (task_options.KEY)
+    task_options: dict = field(default_factory=dict)
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
+        from .tasks import task_options
+
+        task_options(self)  # the task name and its options
         self.model.validate()
         t = self.train
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
@@ -101,7 +108,7 @@ class RunConfig:
                 "model.moe.evo.diversify_step", self.model.moe.evo.diversify_step, 1, t.steps - 1
             )
         self.validate_parallel()
-        if self.data.vocab_size != self.model.vocab_size:
+        if self.task == "lm" and self.data.vocab_size != self.model.vocab_size:
             raise ValueError(
                 f"data.vocab_size ({self.data.vocab_size}) must equal model.vocab_size "
                 f"({self.model.vocab_size})"

@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from .checkpoint import load_weights
 from .config import RunConfig
-from .lm_task import LMTask
 from .precision import autocast, resolve_precision
 from .run_dir import RunDir
 from .schedule import lr_at
 from .step_stats import StepStats, mean_or_none
 from .task import Task
+from .tasks import make_task
 from .world import World, make_world
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def train(
     distributed (docs/distributed.md): the process group is initialised here unless
     ``parallel`` (a :class:`~xmoe.distributed.ParallelContext`) is given. Each rank trains on
     its shard of every global batch; rank 0 logs and writes the (consolidated) checkpoint.
-    ``task`` defaults to :class:`~xmoe.train.lm_task.LMTask` on ``cfg``.
+    ``task`` defaults to the one ``cfg.task`` names (train/tasks.py), built on ``cfg``.
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     cfg.validate()
@@ -55,7 +55,7 @@ def train(
         torch.set_num_threads(cfg.train.threads)
     world = make_world(cfg, parallel)
     try:
-        return _train(cfg, run, task or LMTask(cfg), world, resume, overwrite, progress)
+        return _train(cfg, run, task or make_task(cfg), world, resume, overwrite, progress)
     finally:
         world.close()
 
