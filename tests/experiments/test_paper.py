@@ -116,3 +116,60 @@ def test_preset_cli_trains_a_tiny_grid_and_resumes(tmp_path, corpus, capsys):
     assert (tmp_path / "pareto.png").exists()
     assert main(args) == 0  # everything finished: nothing trains again
     assert "==" not in capsys.readouterr().out
+
+
+def test_ablation_rows_change_one_choice_of_xmoe64_each():
+    import math
+
+    from xmoe.experiments.paper import ablation_rows
+
+    rows = {r.name: r.overrides for r in ablation_rows(512, 128)}
+    base = rows["default"]
+    assert base["model.moe.num_experts"] == 64 and base["model.moe.d_expert"] == 64
+    assert base["model.moe.router_options"] == {"threshold": 0.9}
+    for name, o in rows.items():
+        assert o["model.moe.num_experts"] * o["model.moe.d_expert"] == 8 * 512, name
+        assert o["model.moe.router_options"]["threshold"] == 0.9, name
+        changed = {k for k in set(o) | set(base) if o.get(k) != base.get(k)}
+        assert changed <= {
+            "model.moe.router_options",
+            "model.moe.capacity_factor",
+            "model.moe.loss_coefs",
+        }, name
+        assert changed or name == "default", name
+    linear = rows["linear_init"]["model.moe.router_options"]["init_std"]
+    assert linear == pytest.approx(1 / math.sqrt(3 * 128), abs=1e-5)
+    assert rows["reference"]["model.moe.capacity_factor"] == 8.0
+    assert rows["reference"]["model.moe.router_options"]["init_std"] == linear
+    assert rows["budget=8"]["model.moe.router_options"]["target_experts_per_token"] == 8.0
+    assert rows["soft_count=0.01"]["model.moe.loss_coefs"] == {"soft_count": 0.01}
+    for row in ablation_rows():
+        load_config("configs/paper.yaml", row.overrides)
+
+
+def test_preset_rows_names_the_accepted_presets():
+    from xmoe.experiments.paper import preset_rows
+
+    assert [r.name for r in preset_rows("paper", 512, 128)] == [r.name for r in paper_rows(512)]
+    assert preset_rows("paper-ablation", 512, 128)[0].name == "default"
+    with pytest.raises(ValueError, match=r"preset must be one of \('paper', 'paper-ablation'"):
+        preset_rows("ablation", 512, 128)
+
+
+def test_run_record_reads_drops_and_the_final_threshold_of_the_last_train_line(tmp_path):
+    from xmoe.experiments.paper import run_record
+
+    lines = [
+        {"split": "train", "step": 10, "dropped_fraction": [0.5, 0.5], "threshold": [0.1, 0.1]},
+        {"split": "val", "step": 10, "val_dropped_fraction": [0.0, 0.0]},
+        {"split": "train", "step": 20, "dropped_fraction": [0.1, 0.3], "threshold": [0.6, 0.8]},
+        {"split": "val", "step": 20, "final": True},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    summary = {"val_ppl": 10.0, "d_ff": 512, "moe_compute_ratio": 0.5}
+    rec = run_record(Row("r"), 0, summary, 128, tmp_path)
+    assert rec["train_dropped_fraction"] == pytest.approx(0.2)
+    assert rec["final_threshold"] == pytest.approx(0.7)
+    assert rec["moe_gflops_per_token"] == pytest.approx(0.5 * 4 * 128 * 512 / 1e9)
+    bare = run_record(Row("r"), 0, summary, 128, tmp_path / "missing")
+    assert bare["train_dropped_fraction"] is None and bare["final_threshold"] is None

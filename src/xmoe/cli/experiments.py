@@ -18,8 +18,9 @@ def add_parser(sub) -> None:
     c.add_argument("--routers", help="comma-separated router or variant names (see --list)")
     c.add_argument(
         "--preset",
-        choices=("paper",),
+        choices=("paper", "paper-ablation"),
         help="paper: the XMoE paper's LM grid at equal total expert width (docs/results.md); "
+        "paper-ablation: the XMoE-64 recipe ablation; "
         "resumable, writes results.json/.md and pareto.png",
     )
     c.add_argument("--seeds", type=int, default=3, help="seeds per row with --preset (%(default)s)")
@@ -79,7 +80,7 @@ def compare_command(args) -> int:
 
 def _preset_command(args) -> int:
     """``xmoe compare --preset paper --seeds 3``: the resumable paper grid."""
-    from ..experiments.paper import PAPER_CONFIG, aggregate, paper_rows, run_grid
+    from ..experiments.paper import PAPER_CONFIG, aggregate, preset_rows, run_grid
     from ..train.config import load_config, parse_overrides
 
     if args.seeds < 1:
@@ -88,14 +89,15 @@ def _preset_command(args) -> int:
     if args.steps is not None:
         overrides["train.steps"] = args.steps
     config = args.config or PAPER_CONFIG
-    rows = paper_rows(load_config(config, overrides).model.d_ff)
+    model = load_config(config, overrides).model
+    rows = preset_rows(args.preset, model.d_ff, model.d_model)
     if args.rows:
         wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
         unknown = sorted(set(wanted) - {r.name for r in rows})
         if unknown or not wanted:
             raise ValueError(f"--rows: unknown {unknown}; accepted: {[r.name for r in rows]}")
         rows = [r for r in rows if r.name in wanted]
-    out = Path(args.out or "runs/paper")
+    out = Path(args.out or f"runs/{args.preset}")
     records = run_grid(
         rows,
         list(range(args.seeds)),

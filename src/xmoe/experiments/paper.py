@@ -10,16 +10,22 @@ The total expert width is fixed at 8·d_ff, scaling the paper's table (Switch 8�
 has its own folder ``runs/<row>-s<seed>/``, a run whose ``summary.json`` exists is skipped, and
 the result files are rewritten after every run, so an interrupted grid continues where it
 stopped.
+
+``xmoe compare --preset paper-ablation --seeds 1`` runs :func:`ablation_rows` the same way: one
+seed of XMoE-64 over the choices where the XMoE reference code may differ from xmoe's defaults
+(issue 13, part C), the sparsity regularisers and the budget controller.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._checks import check_choice
 from .._io import atomic_write, markdown_table
 
 PAPER_CONFIG = "configs/paper.yaml"
@@ -86,6 +92,68 @@ def paper_rows(d_ff: int = 512, recipe: dict | None = None) -> list[Row]:
     ]
 
 
+def ablation_rows(d_ff: int = 512, d_model: int = 128) -> list[Row]:
+    """Part C of issue 13: XMoE-64 (64 experts of width d_ff/8, t = 0.9) with one choice changed
+    per row against xmoe's defaults, then the sparsity regularisers and the budget controller.
+
+    xmoe's defaults already match three of the reference code's choices (f_i of the load-balance
+    loss from each token's top-1 argmax, coefficient 0.01, raw-probability combine weights), so
+    those rows flip to the other choice; the reference's capacity factor 8 and nn.Linear init
+    (kaiming-uniform, std 1/sqrt(3·d_model)) are rows of their own and, together, ``reference``.
+    """
+    linear_std = 1.0 / math.sqrt(3 * d_model)  # nn.Linear's U(-1/sqrt(d), 1/sqrt(d))
+
+    def x64(router_options: dict | None = None, **extra) -> dict:
+        opts = {"threshold": 0.9, **(router_options or {})}
+        return _moe(64, d_ff // 8, "threshold", router_options=opts, **extra)
+
+    top2_ept = 2 * (8 * d_ff // 16) / (d_ff // 8)
+    return [
+        Row(
+            "default",
+            x64(),
+            "xmoe: f_i from top-1 argmax, coef 0.01, dropless, init 3/sqrt(d), raw probs",
+        ),
+        Row("balance=kept", x64({"balance_over": "kept"}), "f_i from every kept pair"),
+        Row("cf8", x64(capacity_factor=8.0), "reference: train capacity factor 8 (drops)"),
+        Row(
+            "linear_init",
+            x64({"init_std": round(linear_std, 5)}),
+            f"reference: nn.Linear init std 1/sqrt(3d) = {linear_std:.3f}",
+        ),
+        Row("renormalize", x64({"renormalize": True}), "weights p / sum(kept p)"),
+        Row(
+            "reference",
+            x64({"init_std": round(linear_std, 5)}, capacity_factor=8.0),
+            "the reference's choices together (cf 8 + nn.Linear init)",
+        ),
+        Row("soft_count=0.003", x64(loss_coefs={"soft_count": 0.003}), "sparsity regulariser"),
+        Row("soft_count=0.01", x64(loss_coefs={"soft_count": 0.01}), "sparsity regulariser"),
+        Row("entropy=0.01", x64(loss_coefs={"entropy": 0.01}), "sparsity regulariser"),
+        Row(
+            "budget=2",
+            x64({"target_experts_per_token": 2.0}),
+            f"budget controller: 2 experts/token = {2 / top2_ept:g}x top-2's FLOPs",
+        ),
+        Row(
+            f"budget={top2_ept:g}",
+            x64({"target_experts_per_token": top2_ept}),
+            "budget controller at top-2's active FLOPs",
+        ),
+    ]
+
+
+PRESETS = ("paper", "paper-ablation")
+
+
+def preset_rows(preset: str, d_ff: int, d_model: int) -> list[Row]:
+    """The rows of ``xmoe compare --preset NAME`` for a base config's d_ff and d_model."""
+    check_choice("preset", preset, PRESETS)
+    if preset == "paper-ablation":
+        return ablation_rows(d_ff, d_model)
+    return paper_rows(d_ff)
+
+
 def run_grid(
     rows: list[Row],
     seeds: list[int],
@@ -119,13 +187,16 @@ def run_grid(
         else:
             print(f"== {row.name} seed {seed} -> {run_dir}")
             summary = train_fn(cfg, run_dir, overwrite=True, progress=progress)
-        records.append(run_record(row, seed, summary, cfg.model.d_model))
+        records.append(run_record(row, seed, summary, cfg.model.d_model, run_dir))
         write_grid(out_dir, records, rows, command)
     return records
 
 
-def run_record(row: Row, seed: int, summary: dict, d_model: int) -> dict:
-    """The figures of one run the tables need."""
+def run_record(
+    row: Row, seed: int, summary: dict, d_model: int, run_dir: Path | None = None
+) -> dict:
+    """The figures of one run the tables need. With ``run_dir``, the last training log line of
+    its ``metrics.jsonl`` adds the training drop fraction and the (controlled) threshold."""
     ratio = summary.get("moe_compute_ratio")
     d_ff = summary["d_ff"]
     if ratio is None:  # the dense row: its FFN is the reference
@@ -142,7 +213,44 @@ def run_record(row: Row, seed: int, summary: dict, d_model: int) -> dict:
         "load_imbalance": summary.get("load_imbalance"),
         "tokens_per_s": summary.get("train_tokens_per_s"),
         "train_time_s": summary.get("train_time_s"),
+        **_last_train_figures(run_dir),
     }
+
+
+def _last_train_figures(run_dir: Path | None) -> dict:
+    """``train_dropped_fraction`` and ``final_threshold`` (means over the MoE layers) of the
+    last training line of ``run_dir/metrics.jsonl``; None where absent."""
+    out = {"train_dropped_fraction": None, "final_threshold": None}
+    path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
+    if path is None or not path.exists():
+        return out
+    last = None
+    for line in path.read_text().splitlines():
+        if '"split": "train"' in line:
+            last = line
+    if last is None:
+        return out
+    record = json.loads(last)
+    for key, name in (
+        ("dropped_fraction", "train_dropped_fraction"),
+        ("threshold", "final_threshold"),
+    ):
+        value = record.get(key)
+        if isinstance(value, list) and value:
+            out[name] = statistics.fmean(value)
+        elif isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out
+
+
+AVERAGED = (
+    "moe_compute_ratio",
+    "experts_per_token",
+    "load_imbalance",
+    "tokens_per_s",
+    "train_dropped_fraction",
+    "final_threshold",
+)
 
 
 def aggregate(records: list[dict], rows: list[Row]) -> list[dict]:
@@ -160,7 +268,7 @@ def aggregate(records: list[dict], rows: list[Row]) -> list[dict]:
             "val_ppl": statistics.fmean(ppl),
             "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
         }
-        for key in ("moe_compute_ratio", "experts_per_token", "load_imbalance", "tokens_per_s"):
+        for key in AVERAGED:
             values = [r[key] for r in runs if r.get(key) is not None]
             line[key] = statistics.fmean(values) if values else None
         layers = [
@@ -182,6 +290,8 @@ COLUMNS = [
     ("experts_per_token", "experts/token", "{:.2f}"),
     ("per_layer", "per MoE layer", "{}"),
     ("load_imbalance", "load imbalance (max/mean)", "{:.2f}"),
+    ("train_dropped_fraction", "train drops", "{:.3f}"),
+    ("final_threshold", "final t", "{:.3f}"),
     ("tokens_per_s", "train tokens/s", "{:.0f}"),
     ("note", "note", "{}"),
 ]
