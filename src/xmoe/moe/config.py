@@ -50,6 +50,10 @@ class MoEConfig:
     capacity_factor: float | str | None = None
     eval_capacity_factor: float | str | None = None  # None = dropless eval (batch-invariant)
     backend: str = "auto"
+    # Always-on experts beside the routed ones (DeepSeek-V3, Qwen2-MoE); 0 = none.
+    shared_experts: int = 0
+    d_shared: int | None = None  # width of each shared expert; None = d_expert
+    shared_gate: bool = False  # scale the shared output by a learned sigmoid gate (Qwen2-MoE)
     # Coefficients of the router losses added to the LM loss, by name. Each router brings its
     # paper's defaults (e.g. load_balance 0.01, z_loss 0.001); entries here override them.
     loss_coefs: dict = field(default_factory=dict)

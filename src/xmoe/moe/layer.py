@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_bool, check_int
 from ..routing import Router, Routing, make_router, router_class
 from ..routing.local_search import PermutationLocalSearch
 from .config import MoEConfig
@@ -43,6 +46,14 @@ class MoE(nn.Module):
         experts: a prebuilt :class:`Experts` used instead of building one (``activation``,
             ``bias`` and ``backend`` are then its own), e.g. one rank's slice of the experts
             under expert parallelism.
+        num_shared_experts: S always-on experts beside the routed ones (DeepSeek-V3,
+            Qwen2-MoE): every token runs through each of them with weight 1 (or the gate).
+            Default 0. They use the routed experts' activation, bias and backend.
+        d_shared: hidden width of each shared expert. Default: ``d_expert``.
+        shared_gate: scale the shared experts' output per token by
+            ``sigmoid(x @ shared_gate.weight.T)`` (Qwen2-MoE's ``shared_expert_gate``, fp32).
+        shared_experts: a prebuilt :class:`Experts` of S shared experts (overrides the two
+            options above).
         **router_options: passed to the router (e.g. ``threshold=0.9``, ``k=2``).
     """
 
@@ -58,12 +69,33 @@ class MoE(nn.Module):
         eval_capacity_factor: float | str | None = None,
         backend: str = "auto",
         experts: Experts | None = None,
+        num_shared_experts: int = 0,
+        d_shared: int | None = None,
+        shared_gate: bool = False,
+        shared_experts: Experts | None = None,
         **router_options,
     ) -> None:
         super().__init__()
         if experts is None:
             experts = Experts(num_experts, d_model, d_expert, activation, bias, backend)
         self.experts = experts
+        check_int("num_shared_experts", num_shared_experts, 0)
+        check_bool("shared_gate", shared_gate)
+        if shared_experts is None and num_shared_experts > 0:
+            d_shared = d_expert if d_shared is None else check_int("d_shared", d_shared, 1)
+            shared_experts = Experts(
+                num_shared_experts,
+                d_model,
+                d_shared,
+                experts.activation,
+                bias=experts.b1 is not None,
+                backend=experts.backend,
+                glu=experts.glu,
+            )
+        if shared_gate and shared_experts is None:
+            raise ValueError("shared_gate=True needs num_shared_experts >= 1 (or shared_experts)")
+        self.shared_experts = shared_experts
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         if isinstance(router, Router):
             if router_options:
                 raise ValueError("router_options are only accepted with a router name")
@@ -110,6 +142,9 @@ class MoE(nn.Module):
             capacity_factor=cfg.capacity_factor,
             eval_capacity_factor=cfg.eval_capacity_factor,
             backend=cfg.backend,
+            num_shared_experts=cfg.shared_experts,
+            d_shared=cfg.d_shared,
+            shared_gate=cfg.shared_gate,
         )
 
     def forward(self, x: Tensor, **router_kwargs) -> Tensor:
@@ -131,7 +166,25 @@ class MoE(nn.Module):
                 routing, expert_capacity(cf, routing.num_tokens, self.num_experts)
             )
         out = self.dispatch_and_combine(flat, plan_dispatch(routing))
+        if self.shared_experts is not None:
+            out = out + self.shared_output(flat)
         return out.to(x.dtype).reshape(x.shape), routing
+
+    def shared_output(self, flat: Tensor) -> Tensor:
+        """``flat: [N, d]`` → fp32 ``[N, d]``: the sum of the shared experts over every token,
+        each scaled by the shared gate when there is one. One call of the expert kernel."""
+        shared = self.shared_experts
+        n, s = flat.shape[0], shared.num_experts
+        rows = flat if s == 1 else flat.repeat(s, 1)
+        counts = torch.full((s,), n, dtype=torch.long, device=flat.device)
+        idx = torch.arange(s, device=flat.device).repeat_interleave(n)
+        weight = None
+        if self.shared_gate is not None:
+            with torch.autocast(device_type=flat.device.type, enabled=False):
+                gate = F.linear(flat.float(), self.shared_gate.weight.float()).sigmoid()
+            weight = gate.squeeze(-1).repeat(s)
+        y = shared(rows, counts, idx, weight).float()
+        return y if s == 1 else y.view(s, n, -1).sum(0)
 
     def dispatch_and_combine(self, flat: Tensor, plan: DispatchPlan) -> Tensor:
         """permute → experts → unpermute for the kept pairs of ``plan``; ``flat: [N, d]``.
@@ -142,8 +195,23 @@ class MoE(nn.Module):
         return unpermute(y, plan, weighted=True)
 
     def compute_ratio(self, experts_per_token: float, d_ff: int) -> float:
-        """Expert FLOPs per token over those of a dense FFN of width ``d_ff`` (same activation)."""
-        return experts_per_token * self.d_expert / d_ff
+        """Expert FLOPs per token over those of a dense FFN of width ``d_ff`` (same activation).
+
+        ``experts_per_token`` counts the routed experts; the shared experts add theirs."""
+        return self.expert_width_per_token(experts_per_token) / d_ff
+
+    def expert_width_per_token(self, experts_per_token: float) -> float:
+        """Expert hidden units computed per token: routed ``k * d_expert`` plus shared."""
+        shared = self.shared_experts
+        width = 0 if shared is None else shared.num_experts * shared.d_expert
+        return experts_per_token * self.d_expert + width
+
+    def expert_flops_per_token(self, experts_per_token: float) -> float:
+        """Expert FLOPs per token (routed at ``experts_per_token``, plus shared), biases and
+        router excluded."""
+        shared = self.shared_experts
+        extra = 0 if shared is None else shared.num_experts * shared.flops_per_row
+        return experts_per_token * self.experts.flops_per_row + extra
 
     def extra_repr(self) -> str:
         return (

@@ -13,6 +13,7 @@ from .expert_choice import ExpertChoiceRouter
 from .hash import HashRouter
 from .losses import cv_squared, entropy_loss, load_balance_loss, threshold_soft_count, z_loss
 from .noisy import NoisyTopKRouter
+from .scored import ScoredRouter
 from .selection import PreferenceRouter
 from .threshold import ThresholdRouter
 from .topk import GShardRouter, SwitchRouter, TopKRouter
@@ -62,6 +63,10 @@ ROUTERS: dict[str, tuple[type[Router], str]] = {
     "dts": (
         DenseToSparseRouter,
         "EvoMoE dense-to-sparse: Gumbel-softmax with annealed temperature, drop G < 1e-3",
+    ),
+    "scored": (
+        ScoredRouter,
+        "HF families: softmax|sigmoid scores, selection bias, groups; topk|threshold|entropy_k",
     ),
 }
 
@@ -118,6 +123,7 @@ __all__ = [
     "PreferenceRouter",
     "Router",
     "Routing",
+    "ScoredRouter",
     "SwitchRouter",
     "ThresholdRouter",
     "TopKRouter",
