@@ -3,6 +3,14 @@
 Pre-LN blocks, causal scaled-dot-product attention, learned positions, tied embeddings.
 Every ``moe_every``-th block (1-based: blocks moe_every-1, 2*moe_every-1, ...) uses :class:`MoE`
 instead of the dense FFN. The model's loss is the LM cross-entropy plus the weighted router losses.
+
+``arch`` picks the block internals:
+
+- ``gpt`` (default): GPT-2 style: LayerNorm, learned positions, biased attention and FFN.
+- ``qwen3_moe``: Hugging Face's Qwen3-MoE exactly (:mod:`xmoe.models.layers`): RMSNorm,
+  rotary positions, RMSNorm on queries and keys, no biases, SwiGLU dense FFN and experts
+  (``activation`` and ``moe.activation`` ``"swiglu"``, ``moe.bias`` false). Such a model exports
+  to a checkpoint transformers loads as it is (``xmoe export-hf``, :mod:`xmoe.hf.export`).
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_bool, check_choice, check_int, check_positive
 from ..moe.activations import activation_module
 from ..moe.config import MoEConfig
 from ..moe.experts import Experts
 from ..moe.layer import MoE
 from ..routing import Routing
 from .kv_cache import KVCache
+from .layers import GatedMLP, RMSNorm, RotaryAttention, causal_attention
+
+ARCHS = ("gpt", "qwen3_moe")
 
 
 @dataclass
@@ -33,8 +44,13 @@ class GPTConfig:
     d_ff: int = 512  # width of the dense FFN (and the reference for moe_compute_ratio)
     moe_every: int = 1  # 1: every block is MoE; 2: every second block; 0: no MoE (dense)
     dropout: float = 0.0
-    activation: str = "gelu"  # dense FFN activation
+    activation: str = "gelu"  # dense FFN activation ("swiglu" for arch qwen3_moe)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # gpt: GPT-2 blocks; qwen3_moe: Hugging Face's Qwen3-MoE blocks (RMSNorm, rotary, q/k norm)
+    arch: str = "gpt"
+    tie_embeddings: bool = True  # output head shares the token embedding (fewer parameters)
+    rope_theta: float = 10000.0  # qwen3_moe: rotary base (RoFormer's default)
+    norm_eps: float = 1e-6  # qwen3_moe: RMSNorm epsilon (Qwen3's rms_norm_eps)
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
@@ -46,6 +62,33 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        check_choice("model.arch", self.arch, ARCHS)
+        check_bool("model.tie_embeddings", self.tie_embeddings)
+        if self.arch == "qwen3_moe":
+            self._validate_qwen3_moe()
+
+    def _validate_qwen3_moe(self) -> None:
+        check_positive("model.rope_theta", self.rope_theta)
+        check_positive("model.norm_eps", self.norm_eps)
+        head_dim = self.d_model // self.n_head
+        if head_dim % 2:
+            raise ValueError(
+                f"model.arch=qwen3_moe needs an even head width d_model / n_head for rotary "
+                f"positions, got {self.d_model} / {self.n_head} = {head_dim}"
+            )
+        layers = range(self.n_layer)
+        if any(not self.is_moe_layer(i) for i in layers) and self.activation != "swiglu":
+            raise ValueError(
+                "model.arch=qwen3_moe: dense blocks are SwiGLU, set model.activation=swiglu "
+                f"(got {self.activation!r})"
+            )
+        has_moe = any(self.is_moe_layer(i) for i in layers)
+        if has_moe and (self.moe.activation != "swiglu" or self.moe.bias):
+            raise ValueError(
+                "model.arch=qwen3_moe: experts are SwiGLU without bias, set "
+                "model.moe.activation=swiglu and model.moe.bias=false (got "
+                f"activation={self.moe.activation!r}, bias={self.moe.bias!r})"
+            )
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
@@ -77,23 +120,7 @@ class CausalSelfAttention(nn.Module):
             y = self._attend(q, k, v, cache, layer, drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    @staticmethod
-    def _attend(q, k, v, cache: KVCache | None, layer: int, drop: float) -> Tensor:
-        T = q.shape[2]
-        if cache is None or cache.length == 0:
-            if cache is not None:
-                cache.append(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:
-            past = cache.length
-            k, v = cache.append(layer, k, v)
-            # Query i (position past + i) sees keys 0..past + i: all of them when T == 1.
-            mask = None
-            if T > 1:
-                rows = torch.arange(T, device=q.device)[:, None] + past
-                mask = torch.arange(past + T, device=q.device)[None, :] <= rows
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return y
+    _attend = staticmethod(causal_attention)
 
 
 class DenseFFN(nn.Module):
@@ -113,15 +140,34 @@ def build_moe(cfg: GPTConfig, moe: MoEConfig | None = None) -> MoE:
     return MoE.from_config(cfg.moe if moe is None else moe, cfg.d_model, vocab_size=cfg.vocab_size)
 
 
+def build_norm(cfg: GPTConfig) -> nn.Module:
+    """The model's norm: LayerNorm (``gpt``) or RMSNorm (``qwen3_moe``)."""
+    if cfg.arch == "qwen3_moe":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, use_moe: bool) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        qwen = cfg.arch == "qwen3_moe"
+        self.ln1 = build_norm(cfg)
+        if qwen:
+            self.attn: nn.Module = RotaryAttention(
+                cfg.d_model,
+                cfg.n_head,
+                rope_theta=cfg.rope_theta,
+                norm_eps=cfg.norm_eps,
+                dropout=cfg.dropout,
+            )
+        else:
+            self.attn = CausalSelfAttention(cfg)
+        self.ln2 = build_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         if use_moe:
             self.ffn: nn.Module = build_moe(cfg)
+        elif qwen:
+            self.ffn = GatedMLP(cfg.d_model, cfg.d_ff)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
@@ -151,12 +197,14 @@ class GPT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        # Learned positions (gpt); qwen3_moe rotates queries and keys in each block instead.
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = build_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -180,7 +228,7 @@ class GPT(nn.Module):
                         nn.init.zeros_(b)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=resid_std)
-            if isinstance(block.ffn, DenseFFN):
+            if isinstance(block.ffn, (DenseFFN, GatedMLP)):
                 nn.init.normal_(block.ffn.proj.weight, std=resid_std)
 
     @property
@@ -198,8 +246,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}"
             )
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+        x = self.drop(x)
         routings: list[Routing] = []
         for i, block in enumerate(self.blocks):
             x, routing = block(x, idx, cache, i)
@@ -250,10 +300,10 @@ class GPT(nn.Module):
         """Sample ``max_new_tokens`` continuations of ``idx: [B, T]``.
 
         With ``use_cache`` (the default) each step runs the model on the one new token and
-        reads the earlier ones' keys and values from a :class:`KVCache`. The learned positions
-        end at ``block_size``: when the cache is full, the last ``block_size // 2`` tokens are
-        encoded again into a fresh cache (so the context slides by half a window at a time,
-        and never drops below half a window). Up to ``block_size`` tokens the logits equal
+        reads the earlier ones' keys and values from a :class:`KVCache`. Positions (learned or
+        rotary) end at ``block_size``: when the cache is full, the last ``block_size // 2``
+        tokens are encoded again into a fresh cache (so the context slides by half a window at
+        a time, and never drops below half a window). Up to ``block_size`` tokens the logits equal
         those of ``use_cache=False``, which recomputes the last ``block_size`` tokens per step.
         """
         if temperature <= 0:
