@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, experiments, hf, train, translate
+from . import bench, convert, experiments, export, hf, train, translate
 from . import exit as exit_commands
 
 # Each module registers its subcommands with add_parser(sub), in this order in --help.
-COMMAND_MODULES = (train, experiments, bench, convert, hf, exit_commands, translate)
+COMMAND_MODULES = (train, experiments, bench, convert, hf, export, exit_commands, translate)
 
 USAGE_EXAMPLES = """examples:
   xmoe train --config configs/demo.yaml --run-dir runs/demo
