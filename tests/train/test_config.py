@@ -101,7 +101,7 @@ def test_unknown_keys_name_the_full_key_from_yaml_strings_and_typed_layers(tmp_p
         ({"model.moe.local_search": 0.1}, "'model.moe.local_search.' must be a mapping"),
         ({"train.steps.x": 1}, "'steps' is not a config section"),
         ({"train.steps": 0}, "train.steps must be an integer >= 1"),
-        ({"train.lr": 0}, "train.lr must be > 0"),
+        ({"train.lr": 0}, "train.lr must be a finite number > 0"),
         ({"model.n_head": 3}, "divisible by model.n_head"),
     ],
 )

@@ -42,15 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit codes (docs/reliability.md): argparse's own usage errors also exit 2.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``xmoe`` command; returns its exit code.
+
+    0: done. 2: a bad input (config, argument, file, a run dir in use or not an xmoe run, a
+    checkpoint that fails its check): one line on stderr, nothing written. 1: the run itself
+    failed (the loss diverged, the disk is full...). 130: interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"xmoe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args, exc, EXIT_USAGE)
+    except (OSError, FloatingPointError) as exc:
+        return _error(args, exc, EXIT_FAILED)
+    except KeyboardInterrupt:
+        print(f"xmoe {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _error(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"xmoe {args.command}: error: {message or type(exc).__name__}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from .._checks import check_choice, check_int, is_number
+from .._checks import check_bool, check_choice, check_int, check_positive, check_range, is_number
 from .._io import atomic_write
 from ..models.gpt import GPTConfig
 from .precision import PRECISIONS
@@ -54,10 +57,13 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 1337
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    time_limit_s: float = 0.0  # stop early (with a checkpoint) after this many seconds; 0: none
+    # stop early (with a checkpoint) after this many seconds; 0 or null: no limit
+    time_limit_s: float | None = 0.0
     # fp32, or bf16 autocast (fp32 master weights and routers); auto: bf16 where the hardware
     # has native bf16 (AVX-512 BF16 / AMX / CUDA), else fp32 (train/precision.py).
     precision: str = "fp32"
+    # TensorBoard event files under <run>/tensorboard/ (needs the `tensorboard` package)
+    tensorboard: bool = False
 
 
 @dataclass
@@ -92,22 +98,32 @@ class RunConfig:
         t = self.train
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
             check_int(f"train.{name}", getattr(t, name), 1)
-        for name in ("warmup_steps", "checkpoint_every", "threads", "eval_tokens"):
+        for name in ("warmup_steps", "checkpoint_every", "threads", "eval_tokens", "seed"):
             check_int(f"train.{name}", getattr(t, name), 0)
-        if not (math.isfinite(t.lr) and t.lr > 0):
-            raise ValueError(f"train.lr must be > 0, got {t.lr}")
-        if not 0.0 <= t.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-        if t.grad_clip < 0:
-            raise ValueError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
+        check_positive("train.lr", t.lr)
+        check_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+        check_range("train.weight_decay", t.weight_decay, 0.0, math.inf)
+        check_range("train.beta1", t.beta1, 0.0, 1.0, high_open=True)
+        check_range("train.beta2", t.beta2, 0.0, 1.0, high_open=True)
+        check_range("train.grad_clip", t.grad_clip, 0.0, math.inf)  # 0 disables clipping
+        if t.time_limit_s is not None:  # 0 or null: no limit
+            check_range("train.time_limit_s", t.time_limit_s, 0.0, math.inf)
+        check_bool("train.tensorboard", t.tensorboard)
         check_choice("train.precision", t.precision, PRECISIONS)
-        if not 0.0 < self.data.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        check_range(
+            "data.val_fraction", self.data.val_fraction, 0.0, 1.0, low_open=True, high_open=True
+        )
+        if self.data.path is not None and not isinstance(self.data.path, str):
+            raise ValueError(f"data.path must be a file or folder name, got {self.data.path!r}")
+        validate_model(self.model)
         if self.model.moe.evo is not None:  # diversify inside the run: [1, train.steps)
             check_int(
                 "model.moe.evo.diversify_step", self.model.moe.evo.diversify_step, 1, t.steps - 1
             )
         self.validate_parallel()
+        if self.task == "lm":
+            # byte-level BPE: 256 bytes + end-of-text (data/tokenizer.py)
+            check_int("data.vocab_size", self.data.vocab_size, 257)
         if self.task == "lm" and self.data.vocab_size != self.model.vocab_size:
             raise ValueError(
                 f"data.vocab_size ({self.data.vocab_size}) must equal model.vocab_size "
@@ -209,9 +225,49 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"--set expects key=value with a dotted key, got {item!r}")
         out.pop(key, None)
-        out[key] = yaml.safe_load(raw) if raw != "" else None
+        out[key] = parse_yaml(raw, f"--set {key}") if raw != "" else None
     return out
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write it: PyYAML follows YAML 1.1, where ``3e-4`` and ``1e3`` (no dot)
+    are strings; here every float spelling (YAML 1.2's) is a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """``text`` parsed as YAML (:class:`_Loader`); a ``ValueError`` naming ``source`` and the
+    line of a syntax error."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{source}:{where} invalid YAML: {problem}") from None
+
+
+def read_yaml_file(path: str | Path) -> object:
+    """A YAML file's contents; a ``ValueError`` for a missing, unreadable or malformed file."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {str(p)!r} cannot be read as UTF-8 text: {exc}") from None
+    return parse_yaml(text, f"config file {str(p)!r}")
 
 
 def with_overrides(cfg: RunConfig, *layers: Overrides) -> RunConfig:
@@ -225,10 +281,9 @@ def load_config(path: str | Path | None = None, *overrides: Overrides) -> RunCon
     """Defaults ← YAML file ← each override layer; validated."""
     data: dict = asdict(RunConfig())
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ValueError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml_file(path) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping, got {loaded!r}")
         data = _merge(data, loaded)
     return _build(data, overrides)
 
@@ -274,3 +329,67 @@ def _merge(base: dict, new: dict) -> dict:
 
 
 _REPLACED_WHOLE = ("router_options", "loss_coefs")
+
+
+def validate_model(m: GPTConfig) -> None:
+    """The checks of ``model`` beyond :meth:`GPTConfig.validate`, each naming the full key:
+    what building the model would otherwise refuse late, or accept silently."""
+    from ..moe.activations import ACTIVATIONS
+    from ..moe.experts import BACKENDS
+    from ..routing import make_router, router_class
+
+    m.validate()
+    check_range("model.dropout", m.dropout, 0.0, 1.0, high_open=True)
+    check_choice("model.activation", m.activation, ACTIVATIONS)
+    check_int("model.moe_every", m.moe_every, 0, m.n_layer)  # > n_layer: no MoE layer at all
+    moe = m.moe
+    check_int("model.moe.num_experts", moe.num_experts, 1)
+    check_int("model.moe.d_expert", moe.d_expert, 1)
+    check_choice("model.moe.activation", moe.activation, ACTIVATIONS)
+    check_choice("model.moe.backend", moe.backend, BACKENDS)
+    check_bool("model.moe.bias", moe.bias)
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(moe, name)
+        if value is None or value == "dropless" or value == math.inf:
+            continue
+        if not (is_number(value) and math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"model.moe.{name} must be null, 'dropless' or a number > 0, got {value!r}"
+            )
+    cls = router_class_or_error(moe.router, router_class)
+    losses = sorted(known_router_losses())
+    for name, coef in moe.loss_coefs.items():
+        if name not in losses:
+            raise ValueError(
+                f"unknown config key 'model.moe.loss_coefs.{name}': not a router loss; "
+                f"accepted: {losses}"
+            )
+        check_range(f"model.moe.loss_coefs.{name}", coef, 0.0, math.inf)
+    options = dict(moe.router_options)
+    if cls.uses_token_ids:
+        options.setdefault("vocab_size", m.vocab_size)
+    try:  # the router alone is small; its constructor checks its options
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its warnings come again when the model is built
+            make_router(moe.router, m.d_model, moe.num_experts, **options)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"model.moe.router_options ({moe.router}): {exc}") from None
+
+
+def router_class_or_error(name: object, router_class) -> type:
+    if not isinstance(name, str):
+        raise ValueError(f"config key 'model.moe.router' must be str, got {name!r}")
+    try:
+        return router_class(name)
+    except ValueError as exc:
+        raise ValueError(f"model.moe.router: {exc}") from None
+
+
+def known_router_losses() -> set[str]:
+    """Every loss name a registered router reports (a ``loss_coefs`` key must be one)."""
+    from ..routing import available_routers, router_class
+
+    names = {"z_loss"}
+    for router in available_routers():
+        names |= set(router_class(router).default_loss_coefs)
+    return names

@@ -69,6 +69,25 @@ class LMTask:
         self.data = load_data(self.cfg, data_dir)
         fit_token_statistics(model, self.data)
 
+    def check_data(self) -> None:
+        """At start-up (before the first step): the splits hold a training window and a
+        validation block (an optional Task method, see xmoe.train.task)."""
+        block, d = self.cfg.model.block_size, self.cfg.data
+        source = d.path or "the embedded corpus"
+        if len(self.data.train) < block + 2:
+            raise ValueError(
+                f"data.path ({source}): the training split has {len(self.data.train)} tokens, "
+                f"fewer than model.block_size + 2 = {block + 2}; use a larger corpus or a "
+                "smaller model.block_size"
+            )
+        if len(self.data.val) < block + 1:
+            raise ValueError(
+                f"data.path ({source}): the validation split (data.val_fraction="
+                f"{d.val_fraction}) has {len(self.data.val)} tokens, fewer than one block "
+                f"(model.block_size + 1 = {block + 1}); raise data.val_fraction, use a larger "
+                "corpus or a smaller model.block_size"
+            )
+
     def reshape(self, model: GPT, step: int) -> str | None:
         if self.recipe is None or step != self.recipe.diversify_step:
             return None

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_weights
+from .checkpoint import CKPT, load_weights, set_aside_corrupt
 from .config import RunConfig
 from .precision import autocast, resolve_precision
-from .run_dir import RunDir
+from .run_dir import RunDir, RunWriter
 from .schedule import lr_at
 from .step_stats import StepStats, mean_or_none
 from .task import Task
 from .tasks import make_task
+from .tensorboard import TensorBoardLog, summary_writer_class
 from .world import World, make_world
 
 if TYPE_CHECKING:
@@ -69,31 +70,72 @@ def _train(
     overwrite: bool,
     progress: bool,
 ) -> dict:
+    writer: list[RunWriter] = []  # rank 0's lock on the run dir, held for the run's lifetime
+    world.run_on_main(lambda: writer.append(run.writer(resume=resume, overwrite=overwrite)))
+    try:
+        return _train_locked(cfg, run, task, world, resume, writer[0] if writer else None, progress)
+    finally:
+        if writer:
+            writer[0].abort()  # a no-op once the run has started
+            writer[0].close()
+
+
+def _start(
+    cfg: RunConfig, run: RunDir, task: Task, world: World, resume: bool, writer: RunWriter | None
+):
+    """Everything that can fail before the first step, checked before the run dir is changed
+    (but for the data cache, removed again with the run when something fails):
+    the checkpoint, the model's shapes against it, the data, the optimizer state."""
     t = cfg.train
+    if t.tensorboard:
+        summary_writer_class()  # a clear error now when the package is missing
     torch.manual_seed(t.seed)
-    # Built before touching the run dir, so bad router options fail fast.
-    model = task.build_model(run.checkpoint_step() if resume else 0)
-
-    def start() -> None:
-        run.prepare(resume=resume, overwrite=overwrite)
-        run.save_config(cfg)
-
-    world.run_on_main(start)
+    snapshot = run.snapshot() if resume else None  # verified; falls back to the previous one
+    model = task.build_model(snapshot.step if snapshot else 0)
+    if snapshot is not None:  # the checkpoint holds the unsharded model: load it, then lay it out
+        load_weights(snapshot, model)
     world.main_first(lambda: task.setup(run.data_dir, model))
+    check_data = getattr(task, "check_data", None)  # optional: not every task has one
+    if callable(check_data):
+        check_data()
     state = {"step": 0, "tokens_seen": 0, "train_time_s": 0.0}
-    if resume:  # the checkpoint holds the unsharded model: load it, then lay it out
-        load_weights(run.checkpoint(), model)
     world.parallelize(model)
     optimizer = build_optimizer(model, cfg)
-    if resume:
-        state = world.load_training_state(run.checkpoint(), model, optimizer)
-        if world.is_main:
-            run.truncate_metrics(state["step"])
+    if snapshot is not None:
+        state = world.load_training_state(snapshot, model, optimizer)
+
+    def commit() -> None:  # the run starts: from here on, its files change
+        if snapshot is not None and snapshot.path.name != CKPT:  # the newest failed its check
+            set_aside_corrupt(run.path)
+        run.save_config(cfg)
+        run.truncate_metrics(state["step"])
+        writer.commit()
+
+    world.run_on_main(commit)
+    tb = None
+    if t.tensorboard and world.is_main:
+        tb = TensorBoardLog(run.tensorboard_dir, purge_step=snapshot.step if snapshot else None)
+    return model, optimizer, state, tb
+
+
+def _train_locked(
+    cfg: RunConfig,
+    run: RunDir,
+    task: Task,
+    world: World,
+    resume: bool,
+    writer: RunWriter | None,
+    progress: bool,
+) -> dict:
+    t = cfg.train
+    model, optimizer, state, tb = _start(cfg, run, task, world, resume, writer)
     world.seed_rank(t.seed, state["step"])
 
     def log(record: dict) -> None:
         if world.is_main:
             run.append_metrics(record)
+            if tb is not None:
+                tb.log(record)
 
     start_step = state["step"]
     started = time.perf_counter()
@@ -163,6 +205,7 @@ def _train(
                         "router_losses": stats.router_losses,
                         **stats.extras,
                         **routing,
+                        "load_imbalance": stats.load_imbalance,
                     }
                 )
             if (step + 1) % t.eval_every == 0 and step + 1 < t.steps and world.evaluates:
@@ -172,11 +215,15 @@ def _train(
                 say(f"step {step + 1}: {task.describe(result)}")
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
                 world.save_checkpoint(run.path, model, optimizer, state)
+                if tb is not None:
+                    tb.flush()
             if stats.over_time:
                 say(f"time limit {t.time_limit_s}s reached at step {step + 1}; stopping")
                 break
     finally:
         bar.close()
+        if tb is not None:
+            tb.flush()
     world.save_checkpoint(run.path, model, optimizer, state)
 
     summary = None
@@ -189,6 +236,8 @@ def _train(
         summary.update(world.summary(model))
         summary["precision"] = resolve_precision(t.precision)
         run.write_summary(summary)
+    if tb is not None:
+        tb.close()
     return world.broadcast(summary)  # every rank returns rank 0's summary
 
 

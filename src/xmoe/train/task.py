@@ -16,6 +16,14 @@ from .step_stats import StepOutput
 
 
 class Task(Protocol):
+    """Optional methods the loop calls when a task has them (``getattr`` with no default
+    needed by other tasks):
+
+    - ``check_data() -> None``: after :meth:`setup`, before the run's first step; raise
+      ``ValueError`` when the data cannot train or evaluate (a split too small for one block),
+      so a run fails before it writes anything.
+    """
+
     tokens_per_step: int  # tokens of one global batch (throughput, tokens_seen)
 
     def build_model(self, step: int) -> nn.Module:
