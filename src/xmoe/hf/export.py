@@ -370,6 +370,8 @@ def restore_routing(hf_model: nn.Module, xmoe_section: Mapping) -> dict[int, MoE
       section's ``threshold``, ``max_experts`` and ``renormalize`` and the same weight (the
       tensor is shared, not copied). Its logits then equal those of the xmoe model exported.
     - ``"topk"`` blocks are left as they are (their native routing is already exact).
+    - The experts, and every other module, are untouched; a later ``restore_native()`` /
+      ``xmoe.hf.set_routing(model, "native")`` brings back the exported top-k.
     - The section may be passed as read by :func:`read_xmoe_section` (or ``config.xmoe``).
 
     Returns the MoE layers it changed, by block index.
@@ -402,13 +404,14 @@ def restore_routing(hf_model: nn.Module, xmoe_section: Mapping) -> dict[int, MoE
                 f"block {layer}: router weight has {weight.shape[0]} rows, expected "
                 f"{moe.num_experts} experts"
             )
-        router = ThresholdRouter(
-            moe.d_model,
-            moe.num_experts,
-            threshold=float(options["threshold"]),
-            max_experts=options.get("max_experts"),
-            renormalize=bool(options.get("renormalize", False)),
-        )
+        with torch.device("meta"):  # its weight is the block's own, set below
+            router = ThresholdRouter(
+                moe.d_model,
+                moe.num_experts,
+                threshold=float(options["threshold"]),
+                max_experts=options.get("max_experts"),
+                renormalize=bool(options.get("renormalize", False)),
+            )
         if isinstance(weight, nn.Parameter):
             router.weight = weight
         else:

@@ -238,18 +238,20 @@ def _cutoffs(c: float, kmax: int) -> tuple[float, ...]:
 def apply_xmoe_section(model: nn.Module, section: dict) -> None:
     """Restore the routing recorded in the ``xmoe`` section of an exported config.json.
 
-    Uses ``xmoe.hf.export.restore_routing(model, section)`` when that module provides it (it
-    owns the format); otherwise reads ``{"router": "threshold" | "topk", "router_options":
-    {...}}`` (``threshold`` may be a float or one per MoE layer; ``max_experts``,
-    ``renormalize`` optional). A top-k export needs nothing: the exported top-k is exact.
+    Uses ``xmoe.hf.export.restore_routing(model, section)`` when that module provides it (the
+    exporter owns the format); otherwise :func:`restore_threshold_section`.
     """
     try:
-        from .export import restore_routing  # part C's reader, when present
+        from .export import restore_routing  # the exporter's reader, when present
     except ImportError:
-        restore_routing = None
-    if restore_routing is not None:
-        restore_routing(model, section)
-        return
+        restore_routing = restore_threshold_section
+    restore_routing(model, section)
+
+
+def restore_threshold_section(model: nn.Module, section: dict) -> None:
+    """Read ``{"router": "threshold" | "topk", "router_options": {...}}``: ``threshold`` (a
+    float, or ``"thresholds"``: one per MoE layer), optional ``max_experts`` and
+    ``renormalize``. A top-k section needs nothing: the exported top-k is exact."""
     if not isinstance(section, dict):
         raise ValueError(f"config.json 'xmoe' section must be a mapping, got {section!r}")
     router = section.get("router", "topk")
@@ -261,11 +263,10 @@ def apply_xmoe_section(model: nn.Module, section: dict) -> None:
             f"config.json 'xmoe' section: router {router!r} cannot be restored; "
             "supported: 'threshold', 'topk'"
         )
-    threshold = section.get("thresholds", opts.get("threshold", 0.9))
     set_routing(
         model,
         "threshold",
-        threshold=threshold,
+        threshold=section.get("thresholds", opts.get("threshold", 0.9)),
         max_experts=opts.get("max_experts"),
         normalize=bool(opts.get("renormalize", False)),
     )
