@@ -138,6 +138,7 @@ def _train_locked(
                 tb.log(record)
 
     start_step = state["step"]
+    saved_step = start_step if start_step else None  # the step of the newest checkpoint
     started = time.perf_counter()
     base_time = state["train_time_s"]
     bar = tqdm(
@@ -215,6 +216,7 @@ def _train_locked(
                 say(f"step {step + 1}: {task.describe(result)}")
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
                 world.save_checkpoint(run.path, model, optimizer, state)
+                saved_step = state["step"]
                 if tb is not None:
                     tb.flush()
             if stats.over_time:
@@ -224,7 +226,8 @@ def _train_locked(
         bar.close()
         if tb is not None:
             tb.flush()
-    world.save_checkpoint(run.path, model, optimizer, state)
+    if saved_step != state["step"]:  # not just saved (the previous one stays a distinct step)
+        world.save_checkpoint(run.path, model, optimizer, state)
 
     summary = None
     if world.evaluates:

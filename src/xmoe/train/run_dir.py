@@ -230,8 +230,8 @@ class RunWriter:
                 p.rename(run.path / p.name)
             self.trash.rmdir()
             self.trash = None
-        if not run.entries():
-            self.lock.release(remove=True)
+        if not run.entries() or not self.started and self.lock.created_file:
+            self.lock.release(remove=True)  # no lock file is left in a folder it refused
             if self.created_dir:
                 with contextlib.suppress(OSError):
                     run.path.rmdir()

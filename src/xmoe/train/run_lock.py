@@ -34,6 +34,7 @@ class RunLock:
         self.path = Path(path)
         self.file = self.path / LOCK_NAME
         self._fd: int | None = None
+        self.created_file = False  # acquire made the lock file (it was not there before)
 
     @property
     def held(self) -> bool:
@@ -46,6 +47,7 @@ class RunLock:
             raise ValueError(f"run dir {str(self.path)!r} is a file, not a folder")
         self.path.mkdir(parents=True, exist_ok=True)
         while True:
+            self.created_file = not self.file.exists()
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 if fcntl is not None:
