@@ -75,3 +75,17 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 def token_batch(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def save_with_tokenizer(family: str, path, **overrides):
+    """Save a tiny model of ``family`` with a 257-entry byte-level tokenizer (bytes + EOS) that
+    ``AutoTokenizer`` loads; returns the model."""
+    from transformers import PreTrainedTokenizerFast
+
+    from xmoe.data.tokenizer import EOS, train_tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(["a"], 257), eos_token=EOS)
+    model = tiny_model(family, vocab_size=257, **overrides)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model

@@ -275,13 +275,13 @@ def export_model(
     with ``overwrite`` and only if it is empty or an earlier export (holds ``config.json``).
 
     Raises:
-        ValueError: the model cannot be expressed as Qwen3-MoE (see :func:`layer_routing`), its
-            vocabulary does not match the tokenizer's, or ``out`` exists.
+        ValueError: the model cannot be expressed as Qwen3-MoE (see :func:`layer_routing`), the
+            tokenizer has more tokens than the model's vocabulary, or ``out`` exists.
     """
     out = Path(out)
-    if tokenizer is not None and tokenizer.get_vocab_size() != model.cfg.vocab_size:
+    if tokenizer is not None and tokenizer.get_vocab_size() > model.cfg.vocab_size:
         raise ValueError(
-            f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is only "
             f"{model.cfg.vocab_size}"
         )
     _check_target(out, overwrite)

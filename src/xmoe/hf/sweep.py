@@ -1,0 +1,177 @@
+"""``xmoe hf-sweep``: perplexity against compute on one HF MoE model, as a table and a plot.
+
+Rows: the native top-k, other k, global thresholds, compute budgets (per-layer t fitted on the
+calibration text to a fraction of the native top-k FLOPs) and the entropy-k baseline fitted to
+the same budgets (so the two adaptive rules are compared at matched mean experts/token).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .._io import atomic_write, markdown_table
+from .evaluate import environment
+from .session import Point, Session, SessionConfig
+
+
+@dataclass
+class SweepConfig:
+    session: SessionConfig
+    thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
+    flop_fractions: tuple[float, ...] = (0.5, 0.625, 0.75, 0.875)
+    topk: tuple[int, ...] = (1,)  # other fixed k to include
+    entropy: bool = True  # the entropy-k baseline at each budget
+    timing: bool = True
+    timing_fraction: float = 0.75  # budget timed against native and HF
+    repeats: int = 5
+    points: list[Point] = field(default_factory=list)  # filled by sweep_points
+
+
+def sweep_points(cfg: SweepConfig, has_section: bool) -> list[Point]:
+    points = [Point("native")]
+    if has_section:
+        points.append(Point("restored"))
+    points += [Point("topk", k=k) for k in cfg.topk]
+    points += [Point("threshold", threshold=t) for t in cfg.thresholds]
+    for f in cfg.flop_fractions:
+        points.append(Point("budget", flop_fraction=f))
+        if cfg.entropy:
+            points.append(Point("entropy_k", flop_fraction=f))
+    return points
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> dict:
+    """Evaluate every point; returns ``{"rows", "timing", "native_check", "environment", ...}``."""
+    session = Session(cfg.session)
+    has_section = bool(getattr(session.model.config, "xmoe", None))
+    native_check = session.native_check()
+    log(f"native routing vs HF: max |logit diff| = {native_check:.2e}")
+    rows = []
+    for point in sweep_points(cfg, has_section):
+        if point.rule == "topk" and point.k == session.blocks[0].native_options["k"]:
+            continue
+        row = session.evaluate(point)
+        rows.append(row)
+        log(
+            f"{row['rule']:>9} {row['setting']:>14}  experts/token "
+            f"{row['mean_experts_per_token']:.3f}  FLOPs {row['expert_flop_fraction']:.1%}  "
+            f"ppl {row['ppl']:.3f}"
+        )
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_delta"] = r["ppl"] / base - 1
+    timing = {}
+    if cfg.timing:
+        f = cfg.timing_fraction
+        timed = {"native": Point("native"), f"budget {f:.0%}": Point("budget", flop_fraction=f)}
+        if cfg.entropy:
+            timed[f"entropy_k {f:.0%}"] = Point("entropy_k", flop_fraction=f)
+        timing = session.timing(timed, repeats=cfg.repeats)
+        for name, sec in timing.items():
+            log(f"forward {name:>22}: {sec * 1e3:.1f} ms")
+    return {
+        "model": str(cfg.session.model),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "points"},
+        "seq_len": session.seq_len,
+        "eval_tokens": rows[0]["tokens"],
+        "native_check": native_check,
+        "rows": rows,
+        "timing_seconds": timing,
+        "timing_batch": [min(cfg.session.batch_size, session.windows.shape[0]), session.seq_len],
+        "environment": environment(),
+    }
+
+
+COLUMNS = (
+    ("rule", "rule", "{}"),
+    ("setting", "setting", "{}"),
+    ("mean_experts_per_token", "experts/token", "{:.3f}"),
+    ("layers", "per layer", "{}"),
+    ("expert_flop_fraction", "FLOPs vs top-k", "{:.1%}"),
+    ("ppl", "ppl", "{:.3f}"),
+    ("ppl_delta", "Δppl", "{:+.2%}"),
+)
+
+
+def format_sweep(result: dict) -> str:
+    """Markdown: the sweep table, then the timing table (with the environment)."""
+    rows = [
+        {**r, "layers": " ".join(f"{v:.2f}" for v in r["experts_per_token"])}
+        for r in result["rows"]
+    ]
+    out = [markdown_table(rows, COLUMNS).rstrip("\n")]
+    timing = result.get("timing_seconds") or {}
+    if timing:
+        ref = next((v for k, v in timing.items() if k.startswith("hf ")), None)
+        trows = [
+            {"variant": k, "ms": v * 1e3, "vs_hf": (ref / v) if ref else None}
+            for k, v in timing.items()
+        ]
+        cols = (
+            ("variant", "forward", "{}"),
+            ("ms", "ms", "{:.1f}"),
+            ("vs_hf", "speed vs HF", "{:.2f}x"),
+        )
+        env = result["environment"]
+        b, t = result["timing_batch"]
+        out.append(
+            f"Forward of a [{b}, {t}] batch, median of {result['config']['repeats']} interleaved "
+            f"repeats; CPU {env['cpu']} (bf16 flags: {env['cpu_bf16_flags']}), {env['threads']} "
+            f"thread(s), torch {env['torch']}, transformers {env['transformers']}."
+        )
+        out.append(markdown_table(trows, cols).rstrip("\n"))
+    return "\n\n".join(out) + "\n"
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """PNG of perplexity against mean routed experts/token, one series per rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {
+        "native": ("*", "k", "native top-k"),
+        "restored": ("P", "tab:purple", "restored (xmoe section)"),
+        "topk": ("s", "tab:gray", "top-k"),
+        "threshold": ("o", "tab:blue", "threshold t (global)"),
+        "budget": ("D", "tab:green", "threshold, per-layer budget"),
+        "entropy_k": ("^", "tab:red", "entropy-k (same budget)"),
+    }
+    for rule, (marker, color, label) in styles.items():
+        pts = sorted(
+            (r["mean_experts_per_token"], r["ppl"]) for r in result["rows"] if r["rule"] == rule
+        )
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        line = "-" if rule in ("threshold", "budget", "entropy_k") else ""
+        ax.plot(xs, ys, marker=marker, color=color, linestyle=line, label=label, ms=7)
+    ax.set_xlabel("mean routed experts per token")
+    ax.set_ylabel("perplexity")
+    ax.set_title(Path(result["model"]).name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_sweep(result: dict, out_dir: Path) -> dict[str, Path]:
+    """``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "sweep.json",
+        "md": out_dir / "sweep.md",
+        "png": out_dir / "sweep.png",
+    }
+    atomic_write(paths["json"], json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write(paths["md"], format_sweep(result))
+    plot_sweep(result, paths["png"])
+    return paths
