@@ -82,7 +82,8 @@ def add_parser(sub) -> None:
 
     s = sub.add_parser(
         "hf-sweep",
-        help="perplexity vs compute of an HF MoE model: thresholds, budgets, entropy-k (table + PNG)",
+        help="perplexity vs compute of an HF MoE model: thresholds, budgets, entropy-k "
+        "(table + PNG)",
     )
     _common(s)
     s.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95", help="global t (%(default)s)")
@@ -145,9 +146,8 @@ def _eval(args) -> int:
     print(f"model {args.model}: {session.windows.shape[0]} windows x {session.seq_len} tokens")
     print(f"native routing vs HF: max |logit diff| {row['native_check']:.2e}")
     print(f"routing {point.rule} {point.label}")
-    print(
-        f"  ppl {row['ppl']:.4f}  (native {native['ppl']:.4f}, {row['ppl'] / native['ppl'] - 1:+.2%})"
-    )
+    delta = row["ppl"] / native["ppl"] - 1
+    print(f"  ppl {row['ppl']:.4f}  (native {native['ppl']:.4f}, {delta:+.2%})")
     print(f"  experts/token per layer: {' '.join(f'{v:.3f}' for v in row['experts_per_token'])}")
     print(
         f"  mean {row['mean_experts_per_token']:.3f}  routed-expert FLOPs vs native top-k "
