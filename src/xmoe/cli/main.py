@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, experiments, export, hf, train, translate
+from . import bench, convert, experiments, export, hf, plot, train, translate
 from . import exit as exit_commands
 
 # Each module registers its subcommands with add_parser(sub), in this order in --help.
-COMMAND_MODULES = (train, experiments, bench, convert, hf, export, exit_commands, translate)
+COMMAND_MODULES = (train, plot, experiments, bench, convert, hf, export, exit_commands, translate)
 
 USAGE_EXAMPLES = """examples:
   xmoe train --config configs/demo.yaml --run-dir runs/demo
@@ -23,6 +23,7 @@ USAGE_EXAMPLES = """examples:
   xmoe eval runs/dense_t1 --threshold 0.5
   xmoe eval runs/dense_t1 --sweep-threshold 1.0,0.9,0.8,0.7,0.5,0.3
   xmoe generate runs/demo --prompt "ROMEO." --max-new-tokens 100
+  xmoe plot runs/demo
   xmoe routers
   xmoe compare --routers switch,gshard,threshold --steps 400
   xmoe bench --quick

@@ -114,7 +114,7 @@ def _start(
     world.run_on_main(commit)
     tb = None
     if t.tensorboard and world.is_main:
-        tb = TensorBoardLog(run.tensorboard_dir, purge_step=snapshot.step if snapshot else None)
+        tb = TensorBoardLog(run.tensorboard_dir, purge_step=snapshot.step + 1 if snapshot else None)
     return model, optimizer, state, tb
 
 

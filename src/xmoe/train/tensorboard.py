@@ -72,8 +72,8 @@ def scalars(record: dict) -> dict[str, float]:
 class TensorBoardLog:
     """Writes metric records to ``log_dir`` as TensorBoard scalars.
 
-    ``purge_step``: a resumed run's step; events an earlier process wrote after it are hidden,
-    so the curves show each step once.
+    ``purge_step``: the first step a resumed run logs; events an earlier process wrote from
+    that step on are hidden, so the curves show each step once.
     """
 
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
