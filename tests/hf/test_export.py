@@ -195,6 +195,7 @@ def _patch_with_xmoe_moe(hf):
     return moe
 
 
+@pytest.mark.filterwarnings("ignore:expert_choice routing")
 @pytest.mark.parametrize(
     ("router", "options", "extra", "message"),
     [
