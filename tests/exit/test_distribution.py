@@ -19,9 +19,7 @@ def test_exit_distribution_hand_computed():
             [0.0, 0.0, 0.0],  # never leaves early: the last exit takes it all: [0, 0, 1]
         ]
     )
-    expected = torch.tensor(
-        [[0.5, 0.25, 0.25], [0.2, 0.4, 0.4], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
-    )
+    expected = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.4, 0.4], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     pi = exit_distribution(gates)
     torch.testing.assert_close(pi, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(pi.sum(1), torch.ones(4))
@@ -32,10 +30,10 @@ def test_exit_distribution_matches_a_loop():
     pi = exit_distribution(g)
     for n in range(5):
         reach = 1.0
-        for l in range(7):
-            gl = 1.0 if l == 6 else g[n, l].item()
-            assert pi[n, l].item() == pytest.approx(reach * gl, abs=1e-6)
-            reach *= 1 - gl
+        for k in range(7):
+            gk = 1.0 if k == 6 else g[n, k].item()
+            assert pi[n, k].item() == pytest.approx(reach * gk, abs=1e-6)
+            reach *= 1 - gk
 
 
 def test_exit_distribution_rejects_a_vector():
