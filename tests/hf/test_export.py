@@ -203,13 +203,16 @@ def _patch_with_xmoe_moe(hf):
         ("topk", {"k": 2, "num_null_experts": 2}, {}, "null experts"),
         ("topk", {"k": 2, "loss_free_balance": True}, {}, "loss-free balancing"),
         ("topk", {"k": 2}, {"eval_capacity_factor": 1.0}, "eval_capacity_factor"),
+        ("topk", {"k": 2}, {"shared_experts": 1}, "shared experts"),
     ],
 )
 def test_routers_without_an_hf_equivalent_are_refused(tmp_path, router, options, extra, message):
     model = qwen_gpt(router, options)
     for b in model.blocks:
         for k, v in extra.items():
-            if hasattr(b.ffn, k):
+            if k == "shared_experts" and hasattr(b.ffn, k):
+                b.ffn.shared_experts = b.ffn.experts  # any Experts: the exporter must refuse
+            elif hasattr(b.ffn, k):
                 setattr(b.ffn, k, v)
     with pytest.raises(ValueError, match=message):
         export_model(model, tmp_path / "hf")

@@ -26,8 +26,9 @@ A threshold run is therefore *not* reproduced by plain transformers: it runs the
 with k = the most experts the threshold router may keep. The exact threshold routing (t per
 layer, ``max_experts``, ``renormalize``) is in ``config.json["xmoe"]``, and
 :func:`restore_routing` puts it back on a model whose sparse blocks are xmoe :class:`MoE`
-layers (what ``xmoe.hf.from_pretrained`` builds). Null experts, loss-free balancing biases,
-eval capacity factors and the other routers have no Qwen3-MoE equivalent: they are refused.
+layers (what ``xmoe.hf.from_pretrained`` builds). Shared experts, null experts, loss-free
+balancing biases, eval capacity factors and the other routers have no Qwen3-MoE equivalent:
+they are refused.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def layer_routing(moe: MoE, layer: int) -> dict:
         raise ValueError(
             f"{where}: eval_capacity_factor={moe.eval_capacity_factor} drops tokens at eval; "
             "Qwen3-MoE is dropless. Export a run with model.moe.eval_capacity_factor=null"
+        )
+    if getattr(moe, "shared_experts", None) is not None:
+        raise ValueError(
+            f"{where}: the MoE has shared experts, which Qwen3-MoE has no equivalent for "
+            "(Qwen2-MoE and DeepSeek-V3 have them); export a run with model.moe.shared_experts=0"
         )
     if isinstance(r, PreferenceRouter):
         if r.num_null_experts:
