@@ -246,10 +246,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {past + T} exceeds model.block_size={self.cfg.block_size}"
             )
-        x = self.tok_emb(idx)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
-        x = self.drop(x)
+        x = self.embed(idx, past)
         routings: list[Routing] = []
         for i, block in enumerate(self.blocks):
             x, routing = block(x, idx, cache, i)
@@ -263,6 +260,15 @@ class GPT(nn.Module):
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         loss = lm_loss + self.router_loss(routings)
         return GPTOutput(logits, loss, lm_loss, routings)
+
+    def embed(self, idx: Tensor, past: int = 0) -> Tensor:
+        """The first block's input for ``idx: [B, T]`` at positions ``past .. past + T - 1``:
+        token embeddings (+ learned positions for ``gpt``; ``qwen3_moe`` rotates in attention),
+        after dropout. ``[B, T, d_model]``."""
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + idx.shape[1], device=idx.device))
+        return self.drop(x)
 
     def loss_coefs(self) -> dict[str, float]:
         """The router's paper defaults, overridden by ``model.moe.loss_coefs``."""
