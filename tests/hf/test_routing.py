@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_moe_tiny import FAMILIES, tiny_model, token_batch
+from hf_moe_tiny import FAMILIES, tiny_model, token_batch, transformers
 
 import xmoe.hf as xh
 from xmoe.routing import make_router
@@ -111,3 +111,51 @@ def test_replace_router_with_another_xmoe_router_and_restore():
     assert (a - b).abs().max() < 1e-6
     with pytest.raises(ValueError, match="num_experts"):
         xh.replace_router(model, lambda b: make_router("topk", b.d_model, 3))
+
+
+def test_native_restores_deepseek_bias_after_a_router_without_one():
+    model = tiny_model("deepseek_v3")
+    ids = token_batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    xh.patch(model)
+
+    def plain(block):
+        r = make_router("topk", block.d_model, block.num_experts, k=2)
+        r.weight = block.router.weight
+        return r
+
+    xh.replace_router(model, plain)
+    xh.set_routing(model, "native")
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - ref).abs().max() < 1e-5
+    assert not any("native_selection_bias" in key for key in model.state_dict())
+
+
+def test_exported_threshold_gpt_comes_back_as_the_scored_threshold_rule(tmp_path):
+    from xmoe.hf.export import export_model
+    from xmoe.models import GPT, GPTConfig, MoEConfig
+
+    moe = MoEConfig(num_experts=4, d_expert=8, router="threshold", activation="swiglu",
+                    bias=False, router_options={"threshold": 0.6, "init_std": 0.5})  # fmt: skip
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=24,
+                    moe=moe, arch="qwen3_moe", activation="swiglu", moe_every=1)  # fmt: skip
+    torch.manual_seed(0)
+    gpt = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "router" not in name and "norm" not in name and ".ln" not in name:
+                p.mul_(4.0)
+    out = export_model(gpt, tmp_path / "hf")
+    ids = token_batch(length=16)
+    model = xh.from_pretrained(out).eval()
+    state = xh.routing_state(model)
+    assert [(s["selection"], s["threshold"]) for s in state] == [("threshold", 0.6)] * 2
+    with torch.no_grad():
+        ours = gpt(ids).logits
+        got = model(input_ids=ids).logits
+        assert (got - ours).abs().max() < 1e-4
+        xh.fit_budget(model, xh.capture_inputs(model, [ids]), target_experts_per_token=1.5)
+        xh.set_routing(model, "native")  # the exported top-4 = what plain transformers runs
+        plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert (model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() < 1e-5

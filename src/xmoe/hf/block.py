@@ -86,22 +86,20 @@ class HFMoE(MoE):
         self.family = family
         self.layer_index = layer_index
         self.native_options = router.options()
+        if router.has_bias:  # kept here too, so any router swap can restore it
+            self.register_buffer("native_selection_bias", router.selection_bias, persistent=False)
 
     def use_routing(self, **changes) -> ScoredRouter:
         """Replace the router by one with the native options updated by ``changes`` (e.g.
         ``selection="threshold", threshold=0.8``); the weight and bias stay the same tensors."""
-        native = self.router
         options = {**self.native_options, **changes}
         with torch.device("meta"):  # the weight and bias are replaced by the shared ones below
             router = ScoredRouter(self.d_model, self.num_experts, **options)
-        router.weight = native.weight
-        if router.has_bias:  # a native bias is shared; a new one (loss-free balance) starts at 0
-            bias = (
-                native.selection_bias
-                if native.has_bias
-                else native.weight.new_zeros(self.num_experts, dtype=torch.float32)
-            )
-            router.selection_bias = bias
+        router.weight = self.router.weight
+        if router.has_bias:  # the native bias, or a new zero one (loss-free balancing)
+            native = getattr(self, "native_selection_bias", None)
+            zeros = lambda: router.weight.new_zeros(self.num_experts, dtype=torch.float32)
+            router.selection_bias = native if native is not None else zeros()
         router.train(self.training)
         self.router = router
         return router

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive, check_range
-from ..routing import Router
+from ..routing import Router, ThresholdRouter
 from ..routing.budget import calibrate_threshold
 from .block import HFMoE
 from .patch import moe_blocks
@@ -239,13 +239,26 @@ def apply_xmoe_section(model: nn.Module, section: dict) -> None:
     """Restore the routing recorded in the ``xmoe`` section of an exported config.json.
 
     Uses ``xmoe.hf.export.restore_routing(model, section)`` when that module provides it (the
-    exporter owns the format); otherwise :func:`restore_threshold_section`.
+    exporter owns the format); otherwise :func:`restore_threshold_section`. A threshold router
+    it installs is then expressed as the equal :class:`~xmoe.routing.ScoredRouter` rule
+    (softmax, ``selection="threshold"``), so that :func:`routing_state`, :func:`set_routing`
+    and :func:`fit_budget` treat it like any other rule.
     """
     try:
         from .export import restore_routing  # the exporter's reader, when present
     except ImportError:
-        restore_routing = restore_threshold_section
+        restore_threshold_section(model, section)
+        return
     restore_routing(model, section)
+    for b in _blocks(model):
+        r = b.router
+        if isinstance(r, ThresholdRouter):
+            b.use_routing(
+                selection="threshold",
+                threshold=float(r.threshold),
+                max_experts=r.max_experts,
+                normalize=bool(r.renormalize),
+            )
 
 
 def restore_threshold_section(model: nn.Module, section: dict) -> None:
