@@ -64,3 +64,28 @@ def check_choice(name: str, value: object, choices) -> object:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_float_tensor(name: str, x: object) -> object:
+    """A floating-point ``torch.Tensor``; a ``TypeError`` naming the dtype otherwise (integer,
+    bool and complex inputs would reach a kernel that cannot take them)."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+            f"got dtype {x.dtype}"
+        )
+    return x
+
+
+def check_kwargs(where: str, kwargs: dict, accepted) -> dict:
+    """No keyword argument outside ``accepted``; a ``TypeError`` naming the unknown ones."""
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{where} got unexpected keyword argument(s) {unknown}; accepted: {sorted(accepted)}"
+        )
+    return kwargs

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_int
 from .activations import ACTIVATIONS, resolve_activation
-from .kernels.grouped import grouped_mm_supported
+from .kernels.grouped import grouped_mm_supported, grouped_offsets
 from .kernels.native_ffn import native_available, native_ffn
 from .kernels.segment_ffn import segment_ffn
 
@@ -190,7 +190,7 @@ class Experts(nn.Module):
                     f"aligned rows; got d_model={self.d_model}, d_expert={self.d_expert}. "
                     "Use backend='loop' or 'auto'."
                 )
-            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            offsets = grouped_offsets(counts, x.shape[0])  # int32: refuses rows that wrap
             mm = lambda a, name: _contiguous_grad(
                 torch._grouped_mm(a, getattr(self, name).to(dtype), offs=offsets)
             )

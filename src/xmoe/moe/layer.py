@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_int
+from .._checks import check_bool, check_float_tensor, check_int, check_kwargs
 from ..routing import Router, Routing, make_router, router_class
 from ..routing.local_search import PermutationLocalSearch
 from .config import MoEConfig
@@ -22,6 +23,10 @@ from .dispatch import (
     unpermute,
 )
 from .experts import Experts
+
+# Keyword arguments MoE.forward passes on to any router (token ids: used by the hash router);
+# a router's forward may name more (e.g. the converted FFN's ``share``).
+ROUTER_KWARGS = ("token_ids",)
 
 
 class MoE(nn.Module):
@@ -103,6 +108,7 @@ class MoE(nn.Module):
                 raise ValueError(
                     f"router has {router.num_experts} outputs but num_experts={num_experts}"
                 )
+            _check_router_width(router, d_model)
             self.router = router
         else:
             self.router = make_router(router, d_model, num_experts, **router_options)
@@ -154,6 +160,9 @@ class MoE(nn.Module):
 
     def forward_with_routing(self, x: Tensor, **router_kwargs) -> tuple[Tensor, Routing]:
         """Like ``forward`` but returns ``(y, routing)`` and keeps no state."""
+        check_float_tensor("x", x)
+        if router_kwargs:
+            check_kwargs("MoE.forward", router_kwargs, _router_kwargs(self.router))
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
@@ -226,3 +235,24 @@ def _dropless_to_none(name: str, value: float | str | None) -> float | None:
         return None
     check_capacity_factor(name, value)
     return value
+
+
+def _check_router_width(router: Router, d_model: int) -> None:
+    """A Router instance must read rows of width ``d_model`` (a wrapper: its inner router's)."""
+    width = getattr(router, "d_model", None)
+    if width is None:
+        width = getattr(getattr(router, "inner", None), "d_model", None)
+    if width is not None and width != d_model:
+        raise ValueError(f"router reads rows of d_model={width} but the MoE has d_model={d_model}")
+
+
+def _router_kwargs(router: Router) -> set[str]:
+    """The keyword arguments ``router`` takes: :data:`ROUTER_KWARGS` and those its ``forward``
+    (or a wrapper's inner router's) names."""
+    names = set(ROUTER_KWARGS)
+    for r in (router, getattr(router, "inner", None)):
+        if isinstance(r, Router):
+            params = inspect.signature(type(r).forward).parameters.values()
+            names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+            names |= {p.name for p in list(params)[2:] if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return names

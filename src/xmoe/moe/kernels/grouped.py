@@ -18,3 +18,24 @@ def grouped_mm_supported(dtype: torch.dtype, *widths: int) -> bool:
         return False
     per_16_bytes = 16 // dtype.itemsize
     return all(n % per_16_bytes == 0 for n in widths)
+
+
+# torch._grouped_mm takes int32 end offsets: past this many rows they would wrap silently (and
+# the CPU kernel then returns wrong rows with no error).
+MAX_GROUPED_ROWS = 2**31 - 1
+
+
+def fits_grouped_offsets(rows: int) -> bool:
+    """Whether ``rows`` kept rows can be addressed by ``torch._grouped_mm``'s int32 offsets."""
+    return rows <= MAX_GROUPED_ROWS
+
+
+def grouped_offsets(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """The int32 end offsets of the segments of ``counts: [E]`` (summing to ``rows``) for
+    ``torch._grouped_mm``; a ``ValueError`` when ``rows`` does not fit in int32."""
+    if not fits_grouped_offsets(rows):
+        raise ValueError(
+            f"{rows} kept rows do not fit torch._grouped_mm's int32 segment offsets (at most "
+            f"{MAX_GROUPED_ROWS}); use backend='segment' or 'loop', or fewer tokens per call"
+        )
+    return torch.cumsum(counts, 0).to(torch.int32)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..activations import GATED, activation_backward, activation_fn
+from . import grouped
 from .grouped import grouped_mm_supported
 
 
@@ -80,14 +81,18 @@ def _grouped_ok(*tensors: Tensor) -> bool:
 
 class _Segments(NamedTuple):
     """Where each expert's rows are: int32 end ``offsets`` (device) for ``torch._grouped_mm``,
-    or, when the shapes need the per-segment fallback, the Python ``sizes``."""
+    or, when the shapes need the per-segment fallback (or the rows exceed int32), the Python
+    ``sizes``."""
 
     offsets: Tensor
     sizes: list[int] | None
 
 
 def _segments(counts: Tensor, *operands: Tensor) -> _Segments:
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    rows = operands[0].shape[0]
+    if not grouped.fits_grouped_offsets(rows):  # int32 offsets would wrap: the int64 loop path
+        return _Segments(torch.cumsum(counts, 0), counts.tolist())
+    offsets = grouped.grouped_offsets(counts, rows)
     # The fallback loop needs the sizes in Python: the only host sync of this kernel.
     return _Segments(offsets, None if _grouped_ok(*operands) else counts.tolist())
 
