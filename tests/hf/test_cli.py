@@ -60,6 +60,10 @@ def test_hf_eval_threshold_and_budget(model_dir, tmp_path, capsys):
     assert main(["hf-eval", str(model_dir), "--flop-fraction", "0.75", "--entropy-k", *SMALL,
                  "--no-time"]) == 0  # fmt: skip
     assert "entropy_k" in capsys.readouterr().out
+    out = tmp_path / "capped.json"
+    args = ["hf-eval", str(model_dir), "--threshold", "0.99", "--max-experts", "2", *SMALL]
+    assert main([*args, "--no-time", "--json", str(out)]) == 0
+    assert max(json.loads(out.read_text())["experts_per_token"]) == 2.0
 
 
 def test_hf_sweep_writes_table_and_plot(model_dir, tmp_path):
@@ -69,7 +73,9 @@ def test_hf_sweep_writes_table_and_plot(model_dir, tmp_path):
     assert main(args) == 0
     result = json.loads((out / "sweep.json").read_text())
     rules = [r["rule"] for r in result["rows"]]
-    assert rules == ["native", "topk", "threshold", "threshold", "budget", "entropy_k"]
+    assert rules == ["native", "topk", "threshold", "threshold", "budget", "budget", "entropy_k"]
+    capped = result["rows"][5]
+    assert capped["series"] == "budget capped" and max(capped["experts_per_token"]) <= 2
     assert result["rows"][0]["ppl_delta"] == 0
     assert (out / "sweep.png").stat().st_size > 1000
     md = (out / "sweep.md").read_text()

@@ -76,6 +76,9 @@ def add_parser(sub) -> None:
         action="store_true",
         help="with --flop-fraction / --target-experts: fit the entropy-k rule instead of t",
     )
+    e.add_argument(
+        "--max-experts", type=int, help="cap on experts/token of --threshold / --flop-fraction"
+    )
     e.add_argument("--no-time", action="store_true", help="skip the wall-clock comparison")
     e.add_argument("--json", help="also write the result as JSON to this file")
     e.set_defaults(handler=_eval)
@@ -94,6 +97,9 @@ def add_parser(sub) -> None:
     )
     s.add_argument("--topk", default="1", help="other fixed k to include (%(default)s)")
     s.add_argument("--no-entropy", action="store_true", help="skip the entropy-k baseline")
+    s.add_argument(
+        "--no-capped", action="store_true", help="skip the budgets capped at the native k"
+    )
     s.add_argument("--no-time", action="store_true", help="skip the wall-clock comparison")
     s.add_argument(
         "--time-fraction", type=float, default=0.75, help="budget timed vs HF (%(default)s)"
@@ -128,14 +134,20 @@ def _eval(args) -> int:
 
     if args.entropy_k and args.flop_fraction is None and args.target_experts is None:
         raise ValueError("--entropy-k needs --flop-fraction or --target-experts")
+    cap = args.max_experts
     if args.threshold is not None:
         ts = _floats(args.threshold)
-        point = Point("threshold", threshold=ts[0] if len(ts) == 1 else ts)
+        point = Point("threshold", threshold=ts[0] if len(ts) == 1 else ts, max_experts=cap)
     elif args.topk is not None:
         point = Point("topk", k=args.topk)
     elif args.flop_fraction is not None or args.target_experts is not None:
         rule = "entropy_k" if args.entropy_k else "budget"
-        point = Point(rule, flop_fraction=args.flop_fraction, target=args.target_experts)
+        point = Point(
+            rule,
+            flop_fraction=args.flop_fraction,
+            target=args.target_experts,
+            max_experts=cap if rule == "budget" else None,
+        )
     else:
         point = Point("native")
     session = Session(_session_config(args))
@@ -179,6 +191,7 @@ def _sweep(args) -> int:
         flop_fractions=tuple(_floats(args.flop_fractions)),
         topk=tuple(_ints(args.topk)),
         entropy=not args.no_entropy,
+        capped=not args.no_capped,
         timing=not args.no_time,
         timing_fraction=args.time_fraction,
         repeats=args.repeats,

@@ -168,6 +168,7 @@ def fit_budget(
     flop_fraction: float | None = None,
     rule: str = "threshold",
     max_k: int | None = None,
+    max_experts: int | None = None,
     tolerance: float = 0.01,
 ) -> list[dict]:
     """Fit each layer's rule to a mean experts/token on its calibration ``inputs`` and set it.
@@ -181,6 +182,8 @@ def fit_budget(
             ``k = 1 + #{c_i < H}``; with ``max_k`` > 2 the cut-offs are ``c, c + s, ...`` evenly
             spaced up to 1).
         max_k: largest k of ``entropy_k``. Default: the native k (2 for top-2: one cut-off).
+        max_experts: cap on the experts per token of the ``threshold`` rule (e.g. the native k,
+            so no token uses more experts than the model was trained with). Default: none.
         tolerance: relative tolerance of the bisection.
 
     Returns: per layer ``{"threshold" | "entropy_cutoffs": ..., "target": .., "achieved": ..}``
@@ -203,12 +206,12 @@ def fit_budget(
         check_range("target_experts_per_token", target, 1, b.num_experts)
         if rule == "threshold":
 
-            def measure(t, b=b, x=x):
-                b.use_routing(selection="threshold", threshold=t)
+            def measure(t, b=b, x=x, max_experts=max_experts):
+                b.use_routing(selection="threshold", threshold=t, max_experts=max_experts)
                 return b.router(x).experts_per_token
 
             t, got = calibrate_threshold(measure, target, tolerance=tolerance, iters=40)
-            b.use_routing(selection="threshold", threshold=t)
+            b.use_routing(selection="threshold", threshold=t, max_experts=max_experts)
             fitted.append({"threshold": t, "target": target, "achieved": got})
         else:
             kmax = max_k if max_k is not None else int(b.native_options["k"])

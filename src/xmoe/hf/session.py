@@ -37,23 +37,24 @@ class Point:
     k: int | None = None
     flop_fraction: float | None = None
     target: float | None = None
+    max_experts: int | None = None  # cap of threshold / budget (e.g. the native k)
 
     def __post_init__(self) -> None:
         check_choice("rule", self.rule, POINT_RULES)
 
     @property
     def label(self) -> str:
+        cap = "" if self.max_experts is None else f" (<= {self.max_experts})"
         if self.rule == "threshold":
             t = self.threshold
-            return (
-                f"t={t:g}" if isinstance(t, (int, float)) else "t=" + ",".join(f"{v:g}" for v in t)
-            )
+            t = f"{t:g}" if isinstance(t, (int, float)) else ",".join(f"{v:g}" for v in t)
+            return f"t={t}{cap}"
         if self.rule == "topk":
             return f"k={self.k}"
         if self.rule in ("budget", "entropy_k"):
             if self.flop_fraction is not None:
-                return f"{self.flop_fraction:.0%} FLOPs"
-            return f"{self.target:g} experts/token"
+                return f"{self.flop_fraction:.1%} FLOPs{cap}".replace(".0%", "%")
+            return f"{self.target:g} experts/token{cap}"
         return self.rule
 
 
@@ -120,7 +121,9 @@ class Session:
         elif point.rule == "topk":
             set_routing(self.model, "topk", k=point.k)
         elif point.rule == "threshold":
-            set_routing(self.model, "threshold", threshold=point.threshold)
+            set_routing(
+                self.model, "threshold", threshold=point.threshold, max_experts=point.max_experts
+            )
         else:
             rule = "threshold" if point.rule == "budget" else "entropy_k"
             inputs = self.calib_inputs()
@@ -130,6 +133,7 @@ class Session:
                 target_experts_per_token=point.target,
                 flop_fraction=point.flop_fraction,
                 rule=rule,
+                max_experts=point.max_experts if rule == "threshold" else None,
             )
             return {"fitted": fitted}
         return {}

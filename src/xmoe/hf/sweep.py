@@ -23,13 +23,14 @@ class SweepConfig:
     flop_fractions: tuple[float, ...] = (0.5, 0.625, 0.75, 0.875)
     topk: tuple[int, ...] = (1,)  # other fixed k to include
     entropy: bool = True  # the entropy-k baseline at each budget
+    capped: bool = True  # also each budget with the threshold capped at the native k
     timing: bool = True
     timing_fraction: float = 0.75  # budget timed against native and HF
     repeats: int = 5
     points: list[Point] = field(default_factory=list)  # filled by sweep_points
 
 
-def sweep_points(cfg: SweepConfig, has_section: bool) -> list[Point]:
+def sweep_points(cfg: SweepConfig, has_section: bool, native_k: int) -> list[Point]:
     points = [Point("native")]
     if has_section:
         points.append(Point("restored"))
@@ -37,6 +38,8 @@ def sweep_points(cfg: SweepConfig, has_section: bool) -> list[Point]:
     points += [Point("threshold", threshold=t) for t in cfg.thresholds]
     for f in cfg.flop_fractions:
         points.append(Point("budget", flop_fraction=f))
+        if cfg.capped:
+            points.append(Point("budget", flop_fraction=f, max_experts=native_k))
         if cfg.entropy:
             points.append(Point("entropy_k", flop_fraction=f))
     return points
@@ -49,13 +52,15 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     native_check = session.native_check()
     log(f"native routing vs HF: max |logit diff| = {native_check:.2e}")
     rows = []
-    for point in sweep_points(cfg, has_section):
-        if point.rule == "topk" and point.k == session.blocks[0].native_options["k"]:
+    native_k = session.blocks[0].native_options["k"]
+    for point in sweep_points(cfg, has_section, native_k):
+        if point.rule == "topk" and point.k == native_k:
             continue
         row = session.evaluate(point)
+        row["series"] = point.rule + (" capped" if point.max_experts is not None else "")
         rows.append(row)
         log(
-            f"{row['rule']:>9} {row['setting']:>14}  experts/token "
+            f"{row['rule']:>9} {row['setting']:>20}  experts/token "
             f"{row['mean_experts_per_token']:.3f}  FLOPs {row['expert_flop_fraction']:.1%}  "
             f"ppl {row['ppl']:.3f}"
         )
@@ -139,16 +144,19 @@ def plot_sweep(result: dict, path: Path) -> None:
         "topk": ("s", "tab:gray", "top-k"),
         "threshold": ("o", "tab:blue", "threshold t (global)"),
         "budget": ("D", "tab:green", "threshold, per-layer budget"),
+        "budget capped": ("v", "tab:olive", "threshold, per-layer budget, <= native k"),
         "entropy_k": ("^", "tab:red", "entropy-k (same budget)"),
     }
     for rule, (marker, color, label) in styles.items():
         pts = sorted(
-            (r["mean_experts_per_token"], r["ppl"]) for r in result["rows"] if r["rule"] == rule
+            (r["mean_experts_per_token"], r["ppl"])
+            for r in result["rows"]
+            if r.get("series", r["rule"]) == rule
         )
         if not pts:
             continue
         xs, ys = zip(*pts)
-        line = "-" if rule in ("threshold", "budget", "entropy_k") else ""
+        line = "-" if rule in ("threshold", "budget", "budget capped", "entropy_k") else ""
         ax.plot(xs, ys, marker=marker, color=color, linestyle=line, label=label, ms=7)
     ax.set_xlabel("mean routed experts per token")
     ax.set_ylabel("perplexity")
