@@ -49,6 +49,44 @@ def add_parser(sub) -> None:
         "--router-steps", type=int, default=300, help="Adam steps per router fit (%(default)s)"
     )
     c.add_argument(
+        "--router-target",
+        default="share",
+        help="what the learned router predicts: share (softmax vs the oracle's activation-mass "
+        "share) | select (a sigmoid per expert vs the oracle's keep set at --label-threshold) "
+        "(%(default)s)",
+    )
+    c.add_argument(
+        "--label-threshold",
+        type=float,
+        default=0.5,
+        help="oracle threshold whose keep set labels --router-target select (%(default)s)",
+    )
+    c.add_argument(
+        "--relufy",
+        action="store_true",
+        help="ReLU-fication: swap the FFN activation for ReLU, then refit each second layer "
+        "to the dense model's outputs (least squares) before splitting the routers' targets",
+    )
+    c.add_argument(
+        "--refit",
+        action="store_true",
+        help="least-squares refit of each FFN's second layer at the operating point "
+        "(--threshold or --flop-budget), layer by layer",
+    )
+    c.add_argument(
+        "--refit-ridge",
+        type=float,
+        default=1e-2,
+        help="relative ridge of the refits, toward the old weights (%(default)s)",
+    )
+    c.add_argument(
+        "--flop-budget",
+        type=float,
+        default=None,
+        help="fit per-layer thresholds so that the mean FFN FLOP fraction is this, in (0, 1] "
+        "(replaces --threshold as the operating point)",
+    )
+    c.add_argument(
         "--finetune-steps",
         type=int,
         default=0,
@@ -57,10 +95,16 @@ def add_parser(sub) -> None:
     c.add_argument(
         "--finetune-threshold",
         type=float,
-        default=0.6,
-        help="threshold the experts are fine-tuned at (%(default)s)",
+        default=None,
+        help="threshold the experts are fine-tuned at (default: the operating point)",
     )
     c.add_argument("--finetune-lr", type=float, default=1e-4, help="(%(default)s)")
+    c.add_argument(
+        "--finetune-params",
+        default="ffn",
+        help="what the distillation trains: ffn (the experts and output biases) | all "
+        "(every weight but the routers) (%(default)s)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
@@ -75,7 +119,9 @@ def add_parser(sub) -> None:
     )
     e.add_argument("dir", help="a directory written by `xmoe convert`")
     e.add_argument(
-        "--thresholds", default=DEFAULT_THRESHOLDS, help="comma-separated t values (%(default)s)"
+        "--thresholds",
+        default=DEFAULT_THRESHOLDS,
+        help="comma-separated t values, or 'saved' for each layer's saved threshold (%(default)s)",
     )
     e.add_argument(
         "--routers", default="learned,oracle", help="comma-separated: learned, oracle (%(default)s)"
@@ -132,6 +178,19 @@ def _floats(flag: str, text: str) -> list[float]:
     return vals
 
 
+def _thresholds(flag: str, text: str) -> list:
+    """Comma-separated t values in (0, 1], each possibly ``saved``."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    nums = [v for v in parts if v != "saved"]
+    vals = _floats(flag, ",".join(nums)) if nums else []
+    if not parts:
+        raise ValueError(
+            f"{flag} must be comma-separated numbers in (0, 1] or 'saved', got {text!r}"
+        )
+    it = iter(vals)
+    return ["saved" if v == "saved" else next(it) for v in parts]
+
+
 def _ints(flag: str, text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -163,14 +222,19 @@ def _setup_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _eval_config(args, routers: list[str], progress: bool):
+def _eval_config(args, routers: list[str], progress: bool, allow_saved: bool = False):
     from ..convert.pipeline import EvalConfig
 
     _positive("--repeats", args.repeats)
     if args.shakespeare < 0 or args.stdlib < 0:
         raise ValueError("--shakespeare and --stdlib must be >= 0")
+    thresholds = (
+        _thresholds("--thresholds", args.thresholds)
+        if allow_saved
+        else _floats("--thresholds", args.thresholds)
+    )
     return EvalConfig(
-        thresholds=_floats("--thresholds", args.thresholds),
+        thresholds=thresholds,
         routers=routers,
         shakespeare=args.shakespeare,
         stdlib=args.stdlib,
@@ -194,12 +258,18 @@ def _convert(args) -> int:
         threshold=args.threshold,
         calib_tokens=args.calib_tokens,
         router_steps=args.router_steps,
+        router_target=args.router_target,
+        label_threshold=args.label_threshold,
+        relufy=args.relufy,
+        refit=args.refit,
+        refit_ridge=args.refit_ridge,
+        flop_budget=args.flop_budget,
         seed=args.seed,
     )
     cfg.validate()
     if args.finetune_steps < 0:
         raise ValueError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
-    if args.finetune_steps:
+    if args.finetune_steps and args.finetune_threshold is not None:
         _floats("--finetune-threshold", str(args.finetune_threshold))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -208,25 +278,47 @@ def _convert(args) -> int:
         )
     _setup_threads(args.threads)
     finetune = (
-        Finetune(args.finetune_steps, args.finetune_threshold, args.finetune_lr)
+        Finetune(
+            args.finetune_steps, args.finetune_threshold, args.finetune_lr, args.finetune_params
+        )
         if args.finetune_steps
         else None
     )
     manifest = convert_pretrained(
         args.model, out, cfg, args.calib_data, finetune, progress=not args.no_progress
     )
-    kls = [lay.get("router_kl") for lay in manifest["layers"]]
     print(
         f"converted {args.model} ({manifest['model_class']}, adapter {manifest['adapter']}): "
         f"{len(manifest['layers'])} FFNs x {cfg.num_experts} experts, split={cfg.split}, "
         f"router={cfg.router}"
     )
     if cfg.router == "learned":
-        print("  router KL per layer: " + ", ".join(f"{k:.4f}" for k in kls))
+        key = "router_bce" if cfg.router_target == "select" else "router_kl"
+        kls = [lay.get(key) for lay in manifest["layers"]]
+        print(f"  {key} per layer: " + ", ".join(f"{k:.4f}" for k in kls))
+    if "relufy" in manifest:
+        err = manifest["relufy"]["refit"]["rel_error_after"]
+        print("  relufied; refit relative error per layer: " + ", ".join(f"{e:.3f}" for e in err))
+    if "flop_budget" in manifest:
+        fb = manifest["flop_budget"]
+        print(
+            f"  FLOP budget {fb['budget']:g}: thresholds "
+            + ", ".join(f"{t:g}" for t in fb["thresholds"])
+            + f" (calibration FLOP fraction {fb['flop_fraction']:.3f})"
+        )
+    if "refit" in manifest:
+        r = manifest["refit"]
+        print(
+            "  sparse refit relative error per layer: "
+            + ", ".join(
+                f"{a:.3f}->{b:.3f}"
+                for a, b in zip(r["rel_error_before"], r["rel_error_after"], strict=True)
+            )
+        )
     if "finetune" in manifest:
         ft = manifest["finetune"]
         print(
-            f"  distilled at t={ft['threshold']}: "
+            f"  distilled at t={ft['threshold']} ({ft['params']}): "
             f"loss {ft['loss_first']:.4f} -> {ft['loss_last']:.4f}"
         )
     print(f"  saved to {out}  (next: xmoe convert-eval {out})")
@@ -238,7 +330,7 @@ def _convert(args) -> int:
 
 def _convert_eval(args) -> int:
     routers = _choices("--routers", args.routers, ("learned", "oracle"))
-    cfg = _eval_config(args, routers, not args.no_progress)
+    cfg = _eval_config(args, routers, not args.no_progress, allow_saved=True)
     from ..convert.saving import MANIFEST
 
     d = Path(args.dir)

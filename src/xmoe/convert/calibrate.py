@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -76,3 +78,36 @@ def capture_ffn_inputs(
         model.train(was_training)
     out = [torch.cat(rows, 0) for rows in store]
     return [x[:max_tokens] for x in out] if max_tokens else out
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+@torch.no_grad()
+def capture_input(model: nn.Module, module: nn.Module, batches: list[dict[str, Tensor]]) -> Tensor:
+    """``module``'s first input rows at non-padding positions over ``batches``: ``[N, d]``
+    fp32. Each forward pass stops as soon as ``module`` is reached."""
+    rows: list[Tensor] = []
+    mask_now: list[Tensor] = []
+
+    def hook(_m, args):
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        if mask_now:
+            flat = flat[mask_now[0].reshape(-1).bool()]
+        rows.append(flat.detach().float())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            mask_now[:] = [b["attention_mask"]] if "attention_mask" in b else []
+            with contextlib.suppress(_Stop):
+                model(**b)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(rows)

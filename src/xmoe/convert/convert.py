@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import check_choice, check_int, check_positive, check_range
 from .adapters import find_ffns, install_ffn
 from .calibrate import capture_ffn_inputs
 from .ffn import MODES, ConvertedFFN
@@ -34,6 +34,7 @@ from .saving import FORMAT
 from .split import SPLITS, split_neurons
 
 ROUTERS = ("learned", "oracle")
+ROUTER_TARGETS = ("share", "select")
 
 
 @dataclass
@@ -51,6 +52,17 @@ class ConvertConfig:
         router_steps: Adam steps of each router fit (a few hundred converge on CPU in seconds).
         router_lr: Adam learning rate of the router fit.
         router_batch: tokens per router-fit step.
+        router_target: what the learned router is fitted to. ``share``: softmax logits against
+            the oracle's share of activation mass (soft-target cross-entropy). ``select``: one
+            sigmoid per expert against whether the oracle keeps it at ``label_threshold``
+            (binary cross-entropy; Deja Vu style).
+        label_threshold: the oracle threshold that makes the ``select`` labels.
+        relufy: swap the FFN activation for ReLU before splitting (:mod:`.relufy`).
+        refit: least-squares refit of each FFN's second layer at the operating point
+            (:mod:`.refit`).
+        refit_ridge: relative ridge of the refit (toward the old weights).
+        flop_budget: if set, per-layer thresholds fitted to this mean FFN FLOP fraction
+            (:mod:`.budget`) instead of one global ``threshold``.
         seed: seeds the split and the router-fit minibatches.
         backend: :class:`xmoe.Experts` compute backend.
     """
@@ -63,6 +75,12 @@ class ConvertConfig:
     router_steps: int = 300
     router_lr: float = 1e-2
     router_batch: int = 4096
+    router_target: str = "share"
+    label_threshold: float = 0.5
+    relufy: bool = False
+    refit: bool = False
+    refit_ridge: float = 1e-2
+    flop_budget: float | None = None
     seed: int = 0
     backend: str = "auto"
 
@@ -75,6 +93,16 @@ class ConvertConfig:
         for name in ("calib_tokens", "router_steps", "router_batch"):
             check_int(f"{name} (--{name.replace('_', '-')})", getattr(self, name), 1)
         check_positive("router_lr", self.router_lr)
+        check_choice("router_target (--router-target)", self.router_target, ROUTER_TARGETS)
+        check_range(
+            "label_threshold (--label-threshold)", self.label_threshold, 0.0, 1.0, low_open=True
+        )
+        check_positive("refit_ridge (--refit-ridge)", self.refit_ridge)
+        if self.flop_budget is not None:
+            check_range("flop_budget (--flop-budget)", self.flop_budget, 0.0, 1.0, low_open=True)
+        for name in ("relufy", "refit"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} (--{name}) must be a bool, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -125,7 +153,12 @@ def convert_model(
             groups = split_neurons(config.split, dense, config.num_experts, acts, config.seed + i)
         del acts
         ffn = ConvertedFFN.from_dense(
-            dense, groups, backend=config.backend, threshold=config.threshold, mode=config.router
+            dense,
+            groups,
+            backend=config.backend,
+            threshold=config.threshold,
+            mode=config.router,
+            router_score=router_score(config),
         )
         info = {
             "name": site.name,
@@ -152,36 +185,69 @@ def convert_model(
     }
 
 
+def router_score(config: ConvertConfig) -> str:
+    """The slice router's score function for ``config.router_target``."""
+    return "sigmoid" if config.router_target == "select" else "softmax"
+
+
 def fit_router(
     ffn: ConvertedFFN, x: Tensor, config: ConvertConfig, seed: int = 0, bar=None
 ) -> dict:
-    """Fit ``ffn.router``'s logits to the true expert shares on calibration inputs
-    ``x: [N, d_model]``.
+    """Fit ``ffn.router``'s logits on calibration inputs ``x: [N, d_model]``.
 
-    Loss: soft-target cross-entropy ``-sum_e q_e log softmax(x Wrᵀ + br)_e`` with ``q`` the
-    oracle share (:meth:`ConvertedFFN.oracle_share`); minimising it minimises KL(q || p).
-    Returns the final KL and the experts per token that t = 0.9 would keep (oracle vs learned).
+    ``router_target="share"``: soft-target cross-entropy ``-sum_e q_e log softmax(z)_e`` with
+    ``q`` the oracle share (:meth:`ConvertedFFN.oracle_share`); minimising it minimises
+    KL(q || p). ``router_target="select"``: binary cross-entropy of ``sigmoid(z_e)`` against
+    ``1[the oracle keeps e at label_threshold]``. Returns the final loss (``router_kl`` for
+    ``share``, ``router_bce`` and the label / prediction agreement for ``select``).
     """
+    import torch.nn.functional as F
+
+    from .router import threshold_routing
+
     with torch.no_grad():
         q = torch.cat([ffn.oracle_share(c) for c in x.split(4096)])
+    select = config.router_target == "select"
+    if select:
+        r = threshold_routing(q, config.label_threshold)
+        target = torch.zeros_like(q)
+        target[r.token_idx, r.expert_idx] = 1.0
+    else:
+        target = q
     router = ffn.router
     with torch.no_grad():
         router.weight.zero_()
-        router.bias.copy_(q.mean(0).clamp_min(1e-8).log())
+        if select:
+            mean = target.mean(0).clamp(1e-4, 1 - 1e-4)
+            router.bias.copy_((mean / (1 - mean)).log())
+        else:
+            router.bias.copy_(q.mean(0).clamp_min(1e-8).log())
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(router.parameters(), lr=config.router_lr)
     n = x.shape[0]
+
+    def loss_of(z: Tensor, y: Tensor) -> Tensor:
+        if select:
+            return F.binary_cross_entropy_with_logits(z, y)
+        return -(y * z.log_softmax(-1)).sum(-1).mean()
+
     for _ in range(config.router_steps):
         idx = torch.randint(n, (min(config.router_batch, n),), generator=gen)
-        logp = router.logits(x[idx]).log_softmax(-1)
-        loss = -(q[idx] * logp).sum(-1).mean()
+        loss = loss_of(router.logits(x[idx]), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if bar is not None:
             bar.update(1)
     with torch.no_grad():
-        logp = router.logits(x).log_softmax(-1)
+        z = router.logits(x)
+        if select:
+            agree = ((z > 0).float() == target).float().mean()
+            return {
+                "router_bce": round(float(loss_of(z, target)), 5),
+                "router_label_agreement": round(float(agree), 4),
+            }
+        logp = z.log_softmax(-1)
         kl = (q * (q.clamp_min(1e-12).log() - logp)).sum(-1).mean()
     return {"router_kl": round(float(kl), 5)}
 

@@ -104,10 +104,28 @@ def flop_fraction(ffns: list[ConvertedFFN], experts_per_token: list[float]) -> f
     return sum(fr) / len(fr)
 
 
+def apply_threshold(model: nn.Module, threshold: float | list[float]) -> None:
+    """One t for every converted FFN, or a list with one t per FFN (in module order)."""
+    if isinstance(threshold, (list, tuple)):
+        ffns = converted_ffns(model)
+        if len(threshold) != len(ffns):
+            raise ValueError(
+                f"threshold: got {len(threshold)} per-layer values for {len(ffns)} FFNs"
+            )
+        for f, t in zip(ffns, threshold, strict=True):
+            f.set_threshold(t)
+    else:
+        set_threshold(model, threshold)
+
+
 @torch.no_grad()
-def evaluate_point(model, batches, order, dense_emb: Tensor, mode: str, threshold: float) -> dict:
+def evaluate_point(
+    model, batches, order, dense_emb: Tensor, mode: str, threshold: float | list[float]
+) -> dict:
+    """One row: routing ``mode`` at ``threshold`` (one t, or one per FFN) against
+    ``dense_emb``."""
     set_mode(model, mode)
-    set_threshold(model, threshold)
+    apply_threshold(model, threshold)
     emb, ept = embed(model, batches, order)
     ffns = converted_ffns(model)
     row = {
@@ -125,7 +143,12 @@ def evaluate_point(model, batches, order, dense_emb: Tensor, mode: str, threshol
 
 @torch.no_grad()
 def measure_speedup(
-    model, batch: dict[str, Tensor], mode: str, threshold: float, repeats: int = 5, warmup: int = 1
+    model,
+    batch: dict[str, Tensor],
+    mode: str,
+    threshold: float | list[float],
+    repeats: int = 5,
+    warmup: int = 1,
 ) -> dict[str, float]:
     """Dense time / sparse time for the FFNs alone and for the whole encoder (median ratio)."""
     ffns = converted_ffns(model)
@@ -145,7 +168,7 @@ def measure_speedup(
 
     def set_point(dense: bool):
         set_mode(model, "dense" if dense else mode)
-        set_threshold(model, threshold)
+        apply_threshold(model, threshold)
 
     out = {}
     for name, fn in (("ffn", run_ffns), ("encoder", run_model)):
@@ -180,7 +203,7 @@ TABLE_COLUMNS = (
     ("num_experts", "E", "{}"),
     ("split", "split", "{}"),
     ("router", "router", "{}"),
-    ("threshold", "t", "{:g}"),
+    ("threshold", "t", lambda v: v if isinstance(v, str) else f"{v:g}"),
     ("experts_per_token", "experts/tok", "{:.2f}"),
     ("ffn_flop_fraction", "FFN FLOPs", "{:.1%}"),
     ("cos_mean", "cos mean", "{:.4f}"),

@@ -103,6 +103,7 @@ class ConvertedFFN(MoE):
         mode: ``"learned"``, ``"oracle"`` or ``"dense"``.
         backend: :class:`xmoe.Experts` backend (``auto`` runs ``loop`` for an activation that
             is no built-in, e.g. GPT-2's tanh GELU).
+        router_score: the slice router's ``score`` (``softmax`` or ``sigmoid``).
 
     Parameters / buffers: ``experts`` (the slices; no per-expert output bias), ``router`` (the
     slice router: ``weight [E, d_model]``, ``bias [E]``), ``out_bias [d_model]``,
@@ -120,13 +121,14 @@ class ConvertedFFN(MoE):
         threshold: float = 1.0,
         mode: str = "learned",
         backend: str = "auto",
+        router_score: str = "softmax",
     ) -> None:
         check_num_experts(num_experts, d_ff)
         d_expert = d_ff // num_experts
         experts = Experts(
             num_experts, d_model, d_expert, act, bias, backend, glu=gated, output_bias=False
         )
-        router = SliceRouter(d_model, num_experts, threshold)
+        router = SliceRouter(d_model, num_experts, threshold, score=router_score)
         super().__init__(d_model, num_experts, d_expert, router=router, experts=experts)
         self.d_ff = d_ff
         self.gated = gated
@@ -245,6 +247,20 @@ class ConvertedFFN(MoE):
         """Kept (token, expert) pairs of the last call (all ``N * E`` in dense mode)."""
         r = self.last_routing
         return self.last_tokens * self.num_experts if r is None else r.num_pairs
+
+    @torch.no_grad()
+    def keep_mask(self, x: Tensor) -> Tensor:
+        """``x: [N, d_model]`` → ``[N, E]`` bool: the experts this FFN keeps for each row in its
+        current mode and threshold (all of them in dense mode or at t >= 1)."""
+        flat = x.reshape(-1, self.d_model)
+        n = flat.shape[0]
+        if self.mode == "dense" or self.threshold >= 1.0:
+            return torch.ones(n, self.num_experts, dtype=torch.bool, device=x.device)
+        share = self.oracle_share(flat) if self.mode == "oracle" else None
+        r = self.router(flat, share=share)
+        mask = torch.zeros(n, self.num_experts, dtype=torch.bool, device=x.device)
+        mask[r.token_idx, r.expert_idx] = True
+        return mask
 
     def expert_share(self, x: Tensor) -> Tensor:
         """``x: [N, d_model]`` → ``[N, E]`` fp32 share of each expert (rows sum to 1)."""

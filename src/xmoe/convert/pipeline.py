@@ -22,12 +22,20 @@ from .._io import atomic_write
 from .calibrate import calibration_batches
 from .convert import ConvertConfig, convert_model, set_mode, set_threshold
 from .data import calibration_texts, heldout_sentences
-from .evaluate import embed, environment, evaluate_point, measure_speedup, sentence_batches
+from .evaluate import (
+    apply_threshold,
+    embed,
+    environment,
+    evaluate_point,
+    measure_speedup,
+    sentence_batches,
+)
 from .finetune import distill
 from .saving import MANIFEST, load_converted, save_converted
 
 MINILM = "minilm"
 ROUTER_MODES = ("learned", "oracle")
+SAVED = "saved"  # convert-eval threshold: each FFN at the threshold it was saved with
 
 
 def resolve_model(spec: str) -> Path:
@@ -82,12 +90,44 @@ def check_divides(flag: str, experts: list[int], hf_config) -> None:
 
 @dataclass
 class Finetune:
-    """Distillation after conversion (:func:`~.finetune.distill`): ``steps`` Adam steps at
-    ``threshold`` with learning rate ``lr``."""
+    """Distillation after conversion (:func:`~.finetune.distill`): ``steps`` Adam steps with
+    learning rate ``lr`` at ``threshold`` (None: the operating point, i.e. ``--threshold`` or
+    the per-layer thresholds of ``--flop-budget``), training ``params`` (``ffn`` or ``all``)."""
 
     steps: int
-    threshold: float = 0.6
+    threshold: float | None = None
     lr: float = 1e-4
+    params: str = "ffn"
+
+
+@torch.no_grad()
+def reference_rows(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict:
+    """What the dense ``model`` does on ``batches``: each FFN's input and output rows
+    (non-padding positions) and the last hidden states (distillation targets)."""
+    from .adapters import find_ffns
+    from .calibrate import capture_ffn_inputs
+
+    sites = find_ffns(model)
+    inputs = capture_ffn_inputs(model, batches)
+    outputs = [s.adapter.extract(s.owner)(x) for s, x in zip(sites, inputs, strict=True)]
+    hidden = [model(**b).last_hidden_state for b in batches]
+    return {"inputs": inputs, "outputs": outputs, "hidden": hidden, "adapter": sites[0].adapter}
+
+
+def refit_routers(model: nn.Module, batches: list[dict[str, Tensor]], config: ConvertConfig):
+    """Fit every learned router again on the FFN inputs the model now produces (every layer at
+    t = 1): after ReLU-fication's refit the inputs and the activation masses have moved."""
+    from .calibrate import capture_input
+    from .convert import converted_ffns, fit_router
+
+    ffns = converted_ffns(model)
+    set_threshold(model, 1.0)
+    set_mode(model, "dense")
+    xs = [capture_input(model, f, batches)[: config.calib_tokens] for f in ffns]
+    set_mode(model, config.router)
+    return [
+        fit_router(f, x, config, seed=config.seed + i) for i, (f, x) in enumerate(zip(ffns, xs))
+    ]
 
 
 def convert_pretrained(
@@ -98,11 +138,25 @@ def convert_pretrained(
     finetune: Finetune | None = None,
     progress: bool = False,
 ) -> dict:
-    """Convert the base model ``spec`` (``minilm`` or a directory), optionally distil it, and save
-    it to ``out`` (:func:`~.saving.save_converted`). Returns the manifest."""
+    """Convert the base model ``spec`` (``minilm`` or a directory) and save it to ``out``
+    (:func:`~.saving.save_converted`). Returns the manifest.
+
+    Stages, each optional but the split: ReLU-fication (``config.relufy``: swap the activation,
+    refit every second layer to the dense model's outputs, refit the routers); the operating
+    point (``config.flop_budget``: per-layer thresholds; else ``config.threshold``); the sparse
+    refit at that point (``config.refit``); the distillation (``finetune``). The references of
+    every stage are the original dense model's outputs on the calibration batches.
+    """
     from transformers import AutoConfig
 
+    from .budget import fit_budget, set_thresholds
+    from .convert import converted_ffns
+    from .refit import refit_second_layers
+    from .relufy import relufy
+
     config.validate()
+    if finetune is not None:
+        _check_finetune(finetune)
     path = resolve_model(spec)
     check_divides(
         "--experts", [config.num_experts], AutoConfig.from_pretrained(path, local_files_only=True)
@@ -110,12 +164,36 @@ def convert_pretrained(
     path, _, model, tok = load_base(spec)
     texts = calibration_texts(calib_data, config.seed)
     batches = calibration_batches(tok, texts, config.calib_tokens)
+    need_ref = config.relufy or config.refit or finetune is not None
+    ref = reference_rows(model, batches) if need_ref else None
+    residual = ref is not None and ref["adapter"].name == "bert"  # post-LN: residual = FFN input
+    if config.relufy:
+        relufy(model)
     manifest = convert_model(model, config, batches, progress=progress)
     manifest["base_model"] = {"spec": spec, "path": str(path)}
     manifest["calibration"] = {
         "data": calib_data or "shakespeare (training part)",
         "batches": len(batches),
     }
+    if config.relufy:
+        set_mode(model, "dense")
+        info = refit_second_layers(
+            model, batches, ref["inputs"], ref["outputs"], config.refit_ridge, residual, progress
+        )
+        manifest["relufy"] = {"activation": "relu", "refit": info}
+        if config.router == "learned":
+            fits = refit_routers(model, batches, config)
+            for lay, fit in zip(manifest["layers"], fits, strict=True):
+                lay.update(fit)
+        set_mode(model, config.router)
+    if config.flop_budget is not None:
+        manifest["flop_budget"] = fit_budget(model, batches, config.flop_budget, residual)
+    else:
+        set_threshold(model, config.threshold)
+    if config.refit:
+        manifest["refit"] = refit_second_layers(
+            model, batches, ref["inputs"], ref["outputs"], config.refit_ridge, residual, progress
+        )
     if finetune is not None:
         manifest["finetune"] = distill(
             model,
@@ -126,10 +204,34 @@ def convert_pretrained(
             mode=config.router,
             seed=config.seed,
             progress=progress,
+            teacher=ref["hidden"],
+            params=finetune.params,
         )
+    if config.flop_budget is not None:
+        set_thresholds(model, manifest["flop_budget"]["thresholds"])
+    else:
         set_threshold(model, config.threshold)
+    manifest["layer_thresholds"] = [f.threshold for f in converted_ffns(model)]
     save_converted(model, out, manifest, tok)
     return manifest
+
+
+def _check_finetune(ft: Finetune) -> None:
+    from .finetune import PARAMS
+    from .router import check_threshold
+
+    if not (isinstance(ft.steps, int) and ft.steps >= 1):
+        raise ValueError(
+            f"finetune steps (--finetune-steps) must be an integer >= 1, got {ft.steps!r}"
+        )
+    if ft.threshold is not None:
+        check_threshold(ft.threshold)
+    if not ft.lr > 0:
+        raise ValueError(f"finetune lr (--finetune-lr) must be > 0, got {ft.lr!r}")
+    if ft.params not in PARAMS:
+        raise ValueError(
+            f"finetune params (--finetune-params) must be one of {PARAMS}, got {ft.params!r}"
+        )
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -140,7 +242,8 @@ class EvalConfig:
     """What ``xmoe convert-eval`` measures.
 
     Attributes:
-        thresholds: t values, each in (0, 1].
+        thresholds: t values, each in (0, 1], or ``"saved"``: each FFN at the threshold the model
+            was saved with (the per-layer thresholds of ``--flop-budget``).
         routers: ``learned`` and/or ``oracle``.
         shakespeare, stdlib: held-out Shakespeare lines and stdlib docstring sentences.
         speed: also time dense vs sparse (:func:`~.evaluate.measure_speedup`).
@@ -148,7 +251,7 @@ class EvalConfig:
         progress: progress bars.
     """
 
-    thresholds: list[float]
+    thresholds: list[float | str]
     routers: list[str] = field(default_factory=lambda: list(ROUTER_MODES))
     shakespeare: int = 500
     stdlib: int = 300
@@ -183,14 +286,22 @@ def eval_rows(
     learned router when ``cfg.speed``), each starting with ``extra``."""
     from tqdm.auto import tqdm
 
+    from .convert import converted_ffns
+
+    saved = [f.threshold for f in converted_ffns(model)]
     rows = []
     points = [(r, t) for r in cfg.routers for t in cfg.thresholds]
     for router, t in tqdm(points, desc="evaluate", disable=not cfg.progress, leave=False):
+        point = saved if t == SAVED else t
         row = dict(extra)
-        row.update(evaluate_point(model, corpus.batches, corpus.order, ref_emb, router, t))
+        row.update(evaluate_point(model, corpus.batches, corpus.order, ref_emb, router, point))
+        if t == SAVED:
+            row["threshold"] = SAVED
+            row["thresholds_per_layer"] = saved
         if cfg.speed and router == "learned":
-            row.update(measure_speedup(model, corpus.speed_batch, router, t, cfg.repeats))
+            row.update(measure_speedup(model, corpus.speed_batch, router, point, cfg.repeats))
         rows.append(row)
+    apply_threshold(model, saved)
     return rows
 
 
@@ -208,8 +319,12 @@ def reference_embeddings(model: nn.Module, manifest: dict, corpus: EvalCorpus):
 
             dense = AutoModel.from_pretrained(path, local_files_only=True).eval()
             return embed(dense, corpus.batches, corpus.order)[0], f"base model {base['spec']}"
-    if "finetune" in manifest:
-        raise ValueError("the base model of this fine-tuned conversion is not available")
+    changed = [k for k in ("relufy", "refit", "finetune") if k in manifest]
+    if changed:
+        raise ValueError(
+            f"the base model is not available, and this conversion changed the weights "
+            f"({', '.join(changed)}): its dense mode is not the base model"
+        )
     set_mode(model, "dense")
     return embed(model, corpus.batches, corpus.order)[0], "converted model in dense mode"
 

@@ -4,8 +4,10 @@ Per token, keep the smallest set of top experts whose *share* reaches the thresh
 rule, :func:`xmoe.routing.selection.threshold_keep`), each with weight 1: an expert is a slice of
 the dense FFN, not a mixture component, so ``t = 1`` reproduces the dense FFN exactly.
 
-The share is ``softmax(x Wrᵀ + br)`` (a linear router fitted to the oracle share), or a share the
-caller passes in (the oracle's true activation mass, :meth:`ConvertedFFN.oracle_share`).
+The share is ``softmax(x Wrᵀ + br)`` (``score="softmax"``: a linear router fitted to the oracle
+share), ``sigmoid(x Wrᵀ + br)`` normalised to sum to 1 (``score="sigmoid"``: a per-expert
+predictor of whether the oracle keeps the expert, Deja Vu style), or a share the caller passes in
+(the oracle's true activation mass, :meth:`ConvertedFFN.oracle_share`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int, check_range
+from .._checks import check_choice, check_int, check_range
 from ..routing import Router, Routing
 from ..routing.base import pairs_from_sorted
 from ..routing.selection import threshold_keep
+
+SCORES = ("softmax", "sigmoid")
 
 
 def check_threshold(threshold: float) -> float:
@@ -45,13 +49,18 @@ class SliceRouter(Router):
         d_model: input width.
         num_experts: E.
         threshold: t in (0, 1].
+        score: ``softmax`` (the share is a softmax of the logits) or ``sigmoid`` (per-expert
+            keep probabilities, normalised to sum to 1 for the keep rule).
 
     Parameters: ``weight [E, d_model]`` and ``bias [E]`` (``nn.Linear`` layout), zero at init
     (a uniform share until :func:`~xmoe.convert.convert.fit_router` fits them).
     """
 
-    def __init__(self, d_model: int, num_experts: int, threshold: float = 1.0) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, threshold: float = 1.0, score: str = "softmax"
+    ) -> None:
         super().__init__()
+        self.score = check_choice("score", score, SCORES)
         check_int("d_model", d_model, 1)
         check_int("num_experts", num_experts, 1)
         self.d_model, self.num_experts = d_model, num_experts
@@ -72,7 +81,11 @@ class SliceRouter(Router):
         every expert is kept whatever the scores, so the router is not run."""
         if self.threshold >= 1.0:
             return x.new_full((x.shape[0], self.num_experts), 1.0 / self.num_experts).float()
-        return self.logits(x).softmax(dim=-1)
+        z = self.logits(x)
+        if self.score == "softmax":
+            return z.softmax(dim=-1)
+        p = z.sigmoid()
+        return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
     def forward(self, x: Tensor, share: Tensor | None = None) -> Routing:
         """Route ``x: [N, d_model]`` by ``share`` (``[N, E]``, e.g. the oracle's), or by the
@@ -80,4 +93,7 @@ class SliceRouter(Router):
         return threshold_routing(self.share(x) if share is None else share, self.threshold)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_experts={self.num_experts}, threshold={self.threshold}"
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, "
+            f"threshold={self.threshold}, score={self.score!r}"
+        )

@@ -76,9 +76,19 @@ def load_converted(path: str | Path, with_tokenizer: bool = True):
             threshold=cfg["threshold"],
             mode=cfg["router"],
             backend=cfg["backend"],
+            router_score="sigmoid" if cfg.get("router_target") == "select" else "softmax",
         )
         install_ffn(model, site, ffn)
     load_model(model, str(path / WEIGHTS), strict=True)
+    thresholds = manifest.get("layer_thresholds")
+    if thresholds is not None:
+        ffns = [m for m in model.modules() if isinstance(m, ConvertedFFN)]
+        if len(thresholds) != len(ffns):
+            raise ValueError(
+                f"{mpath}: layer_thresholds has {len(thresholds)} values for {len(ffns)} FFNs"
+            )
+        for f, t in zip(ffns, thresholds, strict=True):
+            f.set_threshold(t)
     model.eval()
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").is_file():
