@@ -27,7 +27,7 @@ def oracle(router: ScoredRouter, x: torch.Tensor) -> list[dict[int, torch.Tensor
             s = [v / tot for v in ex]
         else:
             s = [1 / (1 + torch.exp(-row[e])) for e in range(E)]
-        choice = [float(s[e]) + bias[e] for e in range(E)]
+        choice = [float(s[e].detach()) + bias[e] for e in range(E)]
         size = E // router.num_groups
         eligible = set(range(E))
         if router.topk_groups < router.num_groups:
@@ -40,7 +40,7 @@ def oracle(router: ScoredRouter, x: torch.Tensor) -> list[dict[int, torch.Tensor
         ranked = sorted(eligible, key=lambda e: (-choice[e], e))
         plain = router.score == "softmax" and not router.has_bias and len(eligible) == E
         if plain:
-            share = {e: float(s[e]) for e in ranked}
+            share = {e: float(s[e].detach()) for e in ranked}
         else:
             pos = {e: max(choice[e], 0.0) for e in ranked}
             tot = sum(pos.values())
@@ -58,7 +58,7 @@ def oracle(router: ScoredRouter, x: torch.Tensor) -> list[dict[int, torch.Tensor
         else:
             ent = -sum(p * math.log(p) for p in share.values() if p > 0)
             h = ent / math.log(max(len(ranked), 2))
-            k = 1 + sum(h > c for c in router.entropy_cutoffs)
+            k = min(1 + sum(h > c for c in router.entropy_cutoffs), E)
             if router.max_experts is not None:
                 k = min(k, router.max_experts)
             kept = ranked[:k]
@@ -82,7 +82,7 @@ def check_against_oracle(router: ScoredRouter, x: torch.Tensor) -> None:
     for g, w in zip(got, want):
         assert set(g) == set(w)
         for e in g:
-            assert abs(float(g[e]) - float(w[e])) < 1e-5
+            assert abs(float(g[e].detach()) - float(w[e].detach())) < 1e-5
 
 
 configs = st.fixed_dictionaries(
@@ -94,7 +94,9 @@ configs = st.fixed_dictionaries(
         "bias": st.booleans(),
         "k": st.integers(1, 2),
         "threshold": st.sampled_from([0.3, 0.5, 0.8, 0.95, 1.0]),
-        "cutoffs": st.sampled_from([(0.5,), (0.2, 0.6, 0.9), (0.99,)]),
+        "cutoffs": st.sampled_from(
+            [(0.5,), (0.2, 0.6, 0.9), (0.99,), tuple(i / 10 for i in range(1, 11))]
+        ),
         "max_experts": st.sampled_from([None, 3]),
         "scaling": st.sampled_from([1.0, 2.5]),
         "seed": st.integers(0, 10_000),
@@ -234,3 +236,23 @@ def test_options_rebuild_an_identical_router():
     x = torch.randn(10, 8)
     ra, rb = a(x), b(x)
     assert torch.equal(ra.expert_idx, rb.expert_idx) and torch.equal(ra.weight, rb.weight)
+
+
+def test_threshold_probe_and_full_sort_give_the_same_pairs():
+    """The threshold rule ranks only the top max(4, 2k) when that reaches t for every token,
+    else all E; both paths agree with the oracle (peaked tokens, then flat ones)."""
+    torch.manual_seed(5)
+    router = ScoredRouter(8, 16, selection="threshold", threshold=0.6, k=1, init_std=3.0)
+    x = torch.randn(20, 8)
+
+    def ranked_width():
+        with torch.no_grad():
+            s = router.scores(router.logits(x))
+            return router._threshold_order(router.selection_scores(s), s).shape[1]
+
+    assert ranked_width() == 4  # the probe reached t for every token
+    check_against_oracle(router, x)
+    with torch.no_grad():
+        router.weight.mul_(0.01)  # flat: t = 0.6 needs most of the 16 experts
+    assert ranked_width() == 16 and router(x).experts_per_token > 8
+    check_against_oracle(router, x)

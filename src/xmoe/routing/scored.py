@@ -199,14 +199,16 @@ class ScoredRouter(LinearRouter):
             order = choice.topk(self.k, dim=-1, sorted=True).indices
             keep = torch.ones_like(order, dtype=torch.bool)
         else:
-            order = choice.argsort(dim=-1, descending=True, stable=True)
-            eligible = torch.isfinite(choice.gather(1, order))
-            ranked_share = self.share(scores, choice).gather(1, order)
+            share = self.share(scores, choice)
             if self.selection == "threshold":
-                keep = threshold_keep(ranked_share, self.threshold, self.max_experts)
+                order = self._threshold_order(choice, share)
+                keep = threshold_keep(share.gather(1, order), self.threshold, self.max_experts)
             else:
-                keep = self.entropy_keep(ranked_share, eligible)
-            keep = keep & eligible
+                k = self.token_k(share, torch.isfinite(choice))
+                width = int(k.max()) if k.numel() else 1  # the one host sync: a size
+                order = choice.topk(width, dim=-1, sorted=True).indices
+                keep = torch.arange(width, device=k.device).unsqueeze(0) < k.unsqueeze(-1)
+            keep = keep & torch.isfinite(choice.gather(1, order))
         ranked = scores.gather(1, order)
         weights = ranked
         if self.normalize:
@@ -216,23 +218,34 @@ class ScoredRouter(LinearRouter):
             weights = weights * self.scaling
         return pairs_from_sorted(ranked, order, keep, self.num_experts, weights)
 
-    def token_k(self, ranked_share: Tensor, eligible: Tensor) -> Tensor:
-        """``[N]`` int64 experts per token of ``entropy_k``: ``1 + #{cut-offs < H_norm}``."""
-        p = ranked_share
+    def _threshold_order(self, choice: Tensor, share: Tensor) -> Tensor:
+        """``[N, m]`` the top ``m`` experts by selection score, enough ranks for the threshold
+        rule: first the top ``max(4, 2k)`` (one ``topk``); only if some token's share there is
+        still below ``t`` (one host sync) all ``E`` are ranked. The kept prefix is the same
+        either way, since rank ``r``'s keep depends only on the ranks above it."""
+        n, e = choice.shape
+        cap = e if self.max_experts is None else self.max_experts
+        probe = min(cap, max(4, 2 * self.k))
+        if self.threshold < 1.0 and probe < cap and n:
+            top = choice.topk(probe, dim=-1, sorted=True).indices
+            if bool((share.gather(1, top).sum(-1) >= self.threshold).all()):
+                return top
+        if cap < e:
+            return choice.topk(cap, dim=-1, sorted=True).indices
+        return choice.argsort(dim=-1, descending=True, stable=True)
+
+    def token_k(self, share: Tensor, eligible: Tensor) -> Tensor:
+        """``[N]`` int64 experts per token of ``entropy_k``: ``1 + #{cut-offs < H_norm}``, with
+        ``H_norm`` the entropy of the share over the eligible experts / log(#eligible)."""
+        p = share
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
         n_eligible = eligible.sum(-1).clamp_min(2).to(p.dtype)
         h = ent / n_eligible.log()
         cut = torch.tensor(self.entropy_cutoffs, dtype=p.dtype, device=p.device)
-        k = 1 + (h.unsqueeze(-1) > cut).sum(-1)
+        k = (1 + (h.unsqueeze(-1) > cut).sum(-1)).clamp_max(p.shape[-1])
         if self.max_experts is not None:
             k = k.clamp_max(self.max_experts)
         return k
-
-    def entropy_keep(self, ranked_share: Tensor, eligible: Tensor) -> Tensor:
-        """``[N, E]`` bool: the first ``token_k`` ranks of each token."""
-        k = self.token_k(ranked_share, eligible)
-        ranks = torch.arange(ranked_share.shape[-1], device=ranked_share.device)
-        return ranks.unsqueeze(0) < k.unsqueeze(-1)
 
     @torch.no_grad()
     def _update_bias(self, routing: Routing) -> None:
