@@ -26,10 +26,11 @@ NUM_FEATURES = 6
 
 
 @torch.no_grad()
-def gate_features(logits: Tensor) -> Tensor:
-    """``[..., L, F]`` gate features from exit logits ``[..., L, C]`` (``C >= 2``)."""
+def gate_features_at(logits: Tensor, prev: Tensor | None, position: float) -> Tensor:
+    """``[..., F]`` features of one exit from its logits ``[..., C]`` and the previous exit's
+    (``None`` at the first exit: agreement and gain are 0); ``position`` is l / (L - 1)."""
     z = logits.detach().float()
-    L, C = z.shape[-2], z.shape[-1]
+    C = z.shape[-1]
     if C < 2:
         raise ValueError(f"gate features need at least 2 classes, got {C}")
     logp = z.log_softmax(-1)
@@ -37,12 +38,22 @@ def gate_features(logits: Tensor) -> Tensor:
     top2 = p.topk(2, dim=-1).values
     maxp, margin = top2[..., 0], top2[..., 0] - top2[..., 1]
     entropy = -(p * logp).sum(-1) / math.log(C)
-    arg = z.argmax(-1)
     agree = torch.zeros_like(maxp)
     gain = torch.zeros_like(maxp)
-    if L > 1:
-        agree[..., 1:] = (arg[..., 1:] == arg[..., :-1]).float()
-        gain[..., 1:] = maxp[..., 1:] - maxp[..., :-1]
-    position = torch.arange(L, device=z.device, dtype=z.dtype) / max(L - 1, 1)
-    position = position.expand_as(maxp)
-    return torch.stack([maxp, entropy, margin, agree, gain, position], dim=-1)
+    if prev is not None:
+        q = prev.detach().float()
+        agree = (z.argmax(-1) == q.argmax(-1)).float()
+        gain = maxp - q.softmax(-1).amax(-1)
+    pos = torch.full_like(maxp, position)
+    return torch.stack([maxp, entropy, margin, agree, gain, pos], dim=-1)
+
+
+@torch.no_grad()
+def gate_features(logits: Tensor) -> Tensor:
+    """``[..., L, F]`` gate features from the exit logits ``[..., L, C]`` of every exit."""
+    L = logits.shape[-2]
+    cols = [
+        gate_features_at(logits[..., i, :], logits[..., i - 1, :] if i else None, i / max(L - 1, 1))
+        for i in range(L)
+    ]
+    return torch.stack(cols, dim=-2)

@@ -204,3 +204,58 @@ def plot(rows: list[dict], out: Path, title: str) -> dict[str, Path]:
     fig.savefig(diagram, dpi=110)
     plt.close(fig)
     return {"curve": curve, "reliability": diagram}
+
+
+# ------------------------------------------------------------------ the GPT with exits (LM)
+
+LM_COLUMNS = [
+    ("setting", "setting", "{}"),
+    ("lambda", "λ", "{:g}"),
+    ("val_ppl", "val ppl", "{:.2f}"),
+    ("layers", "mean layers", "{:.2f}"),
+    ("mflops", "MFLOPs / token", "{:.3f}"),
+    ("cost", "cost (x dense full depth)", "{:.3f}"),
+]
+
+
+def lm_rows(name: str, summary: dict) -> list[dict]:
+    """Rows of one ``backbone=gpt`` run's final evaluation: full depth, then each gate set."""
+    n_layer = summary.get("n_layer")
+    mflops = summary["val_flops_per_token"] / 1e6
+    rows = [{"setting": name, "lambda": None, "val_ppl": summary["val_ppl"], "layers": n_layer,
+             "mflops": mflops, "cost": summary["val_cost"]}]  # fmt: skip
+    for lam, ppl, fl, cost, layers in zip(
+        summary["lambdas"], summary["val_exit_ppl"], summary["val_exit_flops_per_token"],
+        summary["val_exit_cost"], summary["val_exit_layers"],
+    ):  # fmt: skip
+        rows.append({"setting": name, "lambda": lam, "val_ppl": ppl, "layers": layers,
+                     "mflops": fl / 1e6, "cost": cost})  # fmt: skip
+    return rows
+
+
+def plot_lm(rows: list[dict], out: Path, title: str) -> Path:
+    """Val perplexity against compute per token, one series per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        rs = sorted((r for r in rows if r["setting"] == setting), key=lambda r: r["cost"])
+        ax.plot([r["cost"] for r in rs], [r["val_ppl"] for r in rs], "o-", label=setting)
+        for r in rs:
+            if r["lambda"] is not None:
+                ax.annotate(f"λ={r['lambda']:g}", (r["cost"], r["val_ppl"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    ax.set_xlabel("FLOPs per token / dense full-depth FLOPs (attention + FFN/experts)")
+    ax.set_ylabel("val perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "lm_compute.png"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
