@@ -220,16 +220,18 @@ class ScoredRouter(LinearRouter):
 
     def _threshold_order(self, choice: Tensor, share: Tensor) -> Tensor:
         """``[N, m]`` the top ``m`` experts by selection score, enough ranks for the threshold
-        rule: first the top ``max(4, 2k)`` (one ``topk``); only if some token's share there is
-        still below ``t`` (one host sync) all ``E`` are ranked. The kept prefix is the same
-        either way, since rank ``r``'s keep depends only on the ranks above it."""
+        rule. It tries ``m = max(4, 2k)``, then doubles ``m`` (one ``topk`` and one host sync
+        each) until every token's share in the top ``m`` reaches ``t``; past ``E / 2`` it
+        ranks all ``E``. The kept prefix is the same for any such ``m``: rank ``r``'s keep
+        depends only on the ranks above it."""
         n, e = choice.shape
         cap = e if self.max_experts is None else self.max_experts
-        probe = min(cap, max(4, 2 * self.k))
-        if self.threshold < 1.0 and probe < cap and n:
-            top = choice.topk(probe, dim=-1, sorted=True).indices
+        width = min(cap, max(4, 2 * self.k))
+        while self.threshold < 1.0 and n and width < cap and 2 * width <= e:
+            top = choice.topk(width, dim=-1, sorted=True).indices
             if bool((share.gather(1, top).sum(-1) >= self.threshold).all()):
                 return top
+            width *= 2
         if cap < e:
             return choice.topk(cap, dim=-1, sorted=True).indices
         return choice.argsort(dim=-1, descending=True, stable=True)
