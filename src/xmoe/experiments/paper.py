@@ -38,6 +38,7 @@ class Row:
     name: str
     overrides: dict = field(default_factory=dict)
     note: str = ""
+    group: str = ""  # e.g. "second pass": plotted with its own marker and legend entry
 
 
 def _moe(num_experts: int, d_expert: int, router: str, **extra) -> dict:
@@ -97,9 +98,10 @@ def ablation_rows(d_ff: int = 512, d_model: int = 128) -> list[Row]:
     per row against xmoe's defaults, then the sparsity regularisers and the budget controller.
 
     xmoe's defaults already match three of the reference code's choices (f_i of the load-balance
-    loss from each token's top-1 argmax, coefficient 0.01, raw-probability combine weights), so
-    those rows flip to the other choice; the reference's capacity factor 8 and nn.Linear init
-    (kaiming-uniform, std 1/sqrt(3·d_model)) are rows of their own and, together, ``reference``.
+    loss from each token's top-1 argmax, coefficient 0.01, raw-probability combine weights:
+    ``balance_over="top1"``, ``loss_coefs.load_balance``, ``renormalize=False``), so they need
+    no row; the reference's capacity factor 8 and nn.Linear init (kaiming-uniform, std
+    1/sqrt(3·d_model)) are rows of their own and, together, ``reference``.
     """
     linear_std = 1.0 / math.sqrt(3 * d_model)  # nn.Linear's U(-1/sqrt(d), 1/sqrt(d))
 
@@ -114,14 +116,12 @@ def ablation_rows(d_ff: int = 512, d_model: int = 128) -> list[Row]:
             x64(),
             "xmoe: f_i from top-1 argmax, coef 0.01, dropless, init 3/sqrt(d), raw probs",
         ),
-        Row("balance=kept", x64({"balance_over": "kept"}), "f_i from every kept pair"),
         Row("cf8", x64(capacity_factor=8.0), "reference: train capacity factor 8 (drops)"),
         Row(
             "linear_init",
             x64({"init_std": round(linear_std, 5)}),
             f"reference: nn.Linear init std 1/sqrt(3d) = {linear_std:.3f}",
         ),
-        Row("renormalize", x64({"renormalize": True}), "weights p / sum(kept p)"),
         Row(
             "reference",
             x64({"init_std": round(linear_std, 5)}, capacity_factor=8.0),
@@ -264,6 +264,7 @@ def aggregate(records: list[dict], rows: list[Row]) -> list[dict]:
         line = {
             "row": row.name,
             "note": row.note,
+            "group": row.group,
             "seeds": len(runs),
             "val_ppl": statistics.fmean(ppl),
             "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
@@ -324,8 +325,17 @@ def plot_pareto(table: list[dict], path: Path) -> Path | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    groups = list(dict.fromkeys(r.get("group") or "" for r in points))
+    markers = dict(zip(groups, "osD^v"))
     for r in points:
-        ax.errorbar(r["moe_compute_ratio"], r["val_ppl"], yerr=r["val_ppl_std"], fmt="o", capsize=3)
+        group = r.get("group") or ""
+        ax.errorbar(
+            r["moe_compute_ratio"],
+            r["val_ppl"],
+            yerr=r["val_ppl_std"],
+            fmt=markers.get(group, "o"),
+            capsize=3,
+        )
         ax.annotate(
             r["row"],
             (r["moe_compute_ratio"], r["val_ppl"]),
@@ -333,6 +343,14 @@ def plot_pareto(table: list[dict], path: Path) -> Path | None:
             xytext=(4, 4),
             textcoords="offset points",
         )
+    if len(groups) > 1:
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], marker=markers[g], color="grey", linestyle="", label=g or "first pass")
+            for g in groups
+        ]
+        ax.legend(handles=handles, fontsize=8)
     ax.set_xlabel("active MoE FLOPs per token (x dense FFN)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("equal total expert width 8·d_ff; mean ± std over seeds")
