@@ -53,7 +53,7 @@ def test_hf_eval_threshold_and_budget(model_dir, tmp_path, capsys):
     args = ["hf-eval", str(model_dir), "--threshold", "0.6", *SMALL, "--repeats", "1"]
     assert main([*args, "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "experts/token per layer" in text and "hf " in text and "xmoe native" in text
+    assert "experts/token per layer" in text and "| blocks | xmoe native |" in text
     row = json.loads(out.read_text())
     assert row["rule"] == "threshold" and len(row["experts_per_token"]) == 2
     assert row["native_check"] < 1e-5
@@ -79,7 +79,7 @@ def test_hf_sweep_writes_table_and_plot(model_dir, tmp_path):
     assert result["rows"][0]["ppl_delta"] == 0
     assert (out / "sweep.png").stat().st_size > 1000
     md = (out / "sweep.md").read_text()
-    assert "| budget | 75% FLOPs |" in md and "speed vs HF" in md
+    assert "| budget | 75% FLOPs |" in md and "speed vs HF default" in md and "| blocks |" in md
 
 
 def test_bad_inputs_are_clear_errors(model_dir, tmp_path, capsys):

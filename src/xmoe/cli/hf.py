@@ -169,10 +169,9 @@ def _eval(args) -> int:
         timing = session.timing({"native": Point("native"), point.label: point}, args.repeats)
         row["timing_seconds"] = timing
         row["environment"] = environment()
-        ref = next((v for k, v in timing.items() if k.startswith("hf ")), None)
-        for name, sec in timing.items():
-            rel = f"  ({ref / sec:.2f}x vs {next(iter(timing))})" if ref else ""
-            print(f"  forward {name:>20}: {sec * 1e3:8.1f} ms{rel}")
+        from xmoe.hf.sweep import format_timing
+
+        print(format_timing(timing))
         env = row["environment"]
         print(f"  CPU {env['cpu']}, bf16 flags {env['cpu_bf16_flags']}, threads {env['threads']}")
     if args.json:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .._checks import check_choice, check_int
+from .block import block_family
 from .evaluate import batches, corpus_split, evaluate, time_forwards, token_windows
 from .patch import from_pretrained, moe_blocks
 from .routing import capture_inputs, fit_budget, routing_state, set_routing
@@ -158,12 +159,18 @@ class Session:
         return float((a - b).abs().max())
 
     def timing(self, points: dict[str, Point], repeats: int = 5) -> dict:
-        """Median forward seconds on one eval batch: HF's own experts (each implementation
-        transformers offers here) and the patched model at each named point."""
+        """Median seconds on one eval batch, two ways: the whole forward (``model: ...``) and
+        the MoE blocks alone on their captured inputs (``blocks: ...``). HF's own model runs
+        each experts implementation transformers offers here; the patched model runs each
+        named point. All variants are interleaved in one process."""
         ids = self.windows[: self.cfg.batch_size, :-1]
+        set_routing(self.model, "native")
+        inputs = capture_inputs(self.model, [ids], max_tokens=ids.numel())
+        shape = (ids.shape[0], ids.shape[1], -1)
         variants = {}
         if self.reference is not None:
             ref = self.reference
+            hf_blocks = [m for m in ref.modules() if block_family(m) is not None]
             default = ref.config._experts_implementation  # what transformers picked at load
             impls = [default] + [i for i in ("eager", "grouped_mm", "batched_mm") if i != default]
             for impl in impls:
@@ -173,9 +180,11 @@ class Session:
                 except Exception:  # noqa: BLE001 - not available for this model / install
                     continue
                 tag = " (default)" if impl == default else ""
-                variants[f"hf {impl}{tag}"] = (
-                    lambda impl=impl: ref.set_experts_implementation(impl),
-                    lambda: ref(input_ids=ids),
+                setup = lambda impl=impl: ref.set_experts_implementation(impl)
+                variants[f"model: hf {impl}{tag}"] = (setup, lambda: ref(input_ids=ids))
+                variants[f"blocks: hf {impl}{tag}"] = (
+                    setup,
+                    lambda: [b(x.view(shape)) for b, x in zip(hf_blocks, inputs)],
                 )
             ref.set_experts_implementation(default)
         for name, point in points.items():
@@ -186,5 +195,9 @@ class Session:
                 for b, opts in zip(self.blocks, state):
                     b.use_routing(**opts)
 
-            variants[f"xmoe {name}"] = (setup, lambda: self.model(input_ids=ids))
+            variants[f"model: xmoe {name}"] = (setup, lambda: self.model(input_ids=ids))
+            variants[f"blocks: xmoe {name}"] = (
+                setup,
+                lambda: [b(x.view(shape)) for b, x in zip(self.blocks, inputs)],
+            )
         return time_forwards(variants, repeats=repeats)

@@ -109,25 +109,37 @@ def format_sweep(result: dict) -> str:
     out = [markdown_table(rows, COLUMNS).rstrip("\n")]
     timing = result.get("timing_seconds") or {}
     if timing:
-        ref = next((v for k, v in timing.items() if k.startswith("hf ")), None)
-        trows = [
-            {"variant": k, "ms": v * 1e3, "vs_hf": (ref / v) if ref else None}
-            for k, v in timing.items()
-        ]
-        cols = (
-            ("variant", "forward", "{}"),
-            ("ms", "ms", "{:.1f}"),
-            ("vs_hf", "speed vs HF", "{:.2f}x"),
-        )
         env = result["environment"]
         b, t = result["timing_batch"]
         out.append(
-            f"Forward of a [{b}, {t}] batch, median of {result['config']['repeats']} interleaved "
-            f"repeats; CPU {env['cpu']} (bf16 flags: {env['cpu_bf16_flags']}), {env['threads']} "
-            f"thread(s), torch {env['torch']}, transformers {env['transformers']}."
+            f"Wall-clock on a [{b}, {t}] batch, median of {result['config']['repeats']} "
+            f"interleaved repeats in one process; CPU {env['cpu']} (bf16 flags: "
+            f"{env['cpu_bf16_flags']}), {env['threads']} thread(s), torch {env['torch']}, "
+            f"transformers {env['transformers']}. `model`: the whole forward; `blocks`: the MoE "
+            "blocks alone on their inputs."
         )
-        out.append(markdown_table(trows, cols).rstrip("\n"))
+        out.append(format_timing(timing))
     return "\n\n".join(out) + "\n"
+
+
+def format_timing(timing: dict[str, float]) -> str:
+    """Markdown table of ``{"model: ...": s, "blocks: ...": s}``; each part's speed is relative
+    to HF's default experts implementation on the same part."""
+    rows = []
+    for part in ("model", "blocks"):
+        names = [k for k in timing if k.startswith(part + ": ")]
+        ref = next((timing[k] for k in names if k.endswith("(default)")), None)
+        for k in names:
+            v = timing[k]
+            rows.append({"part": part, "variant": k.split(": ", 1)[1], "ms": v * 1e3,
+                         "vs": ref / v if ref else None})  # fmt: skip
+    cols = (
+        ("part", "part", "{}"),
+        ("variant", "variant", "{}"),
+        ("ms", "ms", "{:.2f}"),
+        ("vs", "speed vs HF default", "{:.2f}x"),
+    )
+    return markdown_table(rows, cols).rstrip("\n")
 
 
 def plot_sweep(result: dict, path: Path) -> None:
