@@ -59,3 +59,41 @@ def test_train_then_exit_eval_end_to_end(tmp_path, capsys):
     args += ["--set", f"task_options.features_from={run}", "--set", "task_options.label=genre"]
     assert main(args) == 0
     assert json.loads((run2 / "summary.json").read_text())["label"] == "genre"
+
+
+def gpt_task(lm_gates: bool):
+    from xmoe.train.exit_task import ExitTask
+
+    cfg = load_config(None, {
+        "task": "exit", "task_options.backbone": "gpt", "task_options.lm_gates": lm_gates,
+        "task_options.lambdas": [0.1, 1.0], "task_options.lm_lambda_index": 0,
+        "task_options.warmup": 0, "model.vocab_size": 64, "data.vocab_size": 64,
+        "model.block_size": 16, "model.n_layer": 3, "model.d_model": 16, "model.n_head": 2,
+        "model.d_ff": 32, "model.moe.num_experts": 4, "model.moe.d_expert": 8,
+    })  # fmt: skip
+    return ExitTask(cfg)
+
+
+def test_gpt_backbone_loss_reaches_backbone_heads_and_gates():
+    import torch
+
+    task = gpt_task(lm_gates=True)
+    model = task.build_model(0)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    out = task.loss(model, (x, y, torch.tensor([5, 5])))
+    out.loss.backward()
+    assert model.gates[0][0].net[0].weight.grad.abs().sum() > 0
+    assert model.gates[1][0].net[0].weight.grad.abs().sum() > 0  # (λ = 1: all leave at 0)
+    assert model.exit_norms[0].weight.grad.abs().sum() > 0
+    assert model.gpt.tok_emb.weight.grad.abs().sum() > 0
+    assert {"lm_loss", "gm_loss", "oracle_layers"} <= set(out.values)
+
+
+def test_gpt_backbone_without_gates_is_the_plain_lm_loss():
+    import torch
+
+    task = gpt_task(lm_gates=False)
+    model = task.build_model(0)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    out = task.loss(model, (x, y, torch.tensor([0, 0])))
+    torch.testing.assert_close(out.loss, model.gpt(x, y).loss)

@@ -88,16 +88,17 @@ def pareto(rows: list[dict]) -> list[dict]:
 
 
 def accuracy_at(rows: list[dict], cost: float) -> float | None:
-    """A method's accuracy at ``cost``: linear between the neighbours on its Pareto front
-    (None outside the front's cost range)."""
+    """A method's best accuracy at mean cost ``cost``: linear between neighbours on its Pareto
+    front, the front's best beyond its last point (a cheaper setting is always allowed), None
+    below its cheapest point."""
     front = pareto(rows)
+    if not front or cost < front[0]["cost"] - 1e-12:
+        return None
     for a, b in zip(front, front[1:]):
         if a["cost"] <= cost <= b["cost"]:
             t = (cost - a["cost"]) / max(b["cost"] - a["cost"], 1e-12)
             return a["accuracy"] + t * (b["accuracy"] - a["accuracy"])
-    if front and abs(front[0]["cost"] - cost) < 1e-9:
-        return front[0]["accuracy"]
-    return None
+    return front[-1]["accuracy"]
 
 
 def equal_cost(rows: list[dict]) -> list[dict]:
