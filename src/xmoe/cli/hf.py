@@ -156,7 +156,10 @@ def _eval(args) -> int:
     row["native_ppl"] = native["ppl"]
     row["native_check"] = session.native_check()
     print(f"model {args.model}: {session.windows.shape[0]} windows x {session.seq_len} tokens")
-    print(f"native routing vs HF: max |logit diff| {row['native_check']:.2e}")
+    if args.no_time:
+        print("native routing vs HF: not checked (--no-time loads no HF reference)")
+    else:
+        print(f"native routing vs HF: max |logit diff| {row['native_check']:.2e}")
     print(f"routing {point.rule} {point.label}")
     delta = row["ppl"] / native["ppl"] - 1
     print(f"  ppl {row['ppl']:.4f}  (native {native['ppl']:.4f}, {delta:+.2%})")

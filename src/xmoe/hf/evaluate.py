@@ -33,7 +33,7 @@ def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = N
     """``[W, seq_len + 1]`` int64 non-overlapping windows of the text's tokens (no special
     tokens), at most ``max_tokens`` predicted tokens in all."""
     check_int("seq_len", seq_len, 1)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = (len(ids) - 1) // seq_len
     if max_tokens is not None:
         n = min(n, max(max_tokens // seq_len, 1))
