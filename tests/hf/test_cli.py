@@ -73,7 +73,9 @@ def test_hf_sweep_writes_table_and_plot(model_dir, tmp_path):
     assert main(args) == 0
     result = json.loads((out / "sweep.json").read_text())
     rules = [r["rule"] for r in result["rows"]]
-    assert rules == ["native", "topk", "threshold", "threshold", "budget", "budget", "entropy_k"]
+    assert rules[:6] == ["native", "topk", "threshold", "threshold", "budget", "budget"]
+    assert rules[6:] == ["budget", "entropy_k"]
+    assert result["rows"][6]["series"] == "budget global"
     capped = result["rows"][5]
     assert capped["series"] == "budget capped" and max(capped["experts_per_token"]) <= 2
     assert result["rows"][0]["ppl_delta"] == 0

@@ -159,3 +159,15 @@ def test_exported_threshold_gpt_comes_back_as_the_scored_threshold_rule(tmp_path
         xh.set_routing(model, "native")  # the exported top-4 = what plain transformers runs
         plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         assert (model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_one_threshold_for_all_layers_meets_the_mean_budget():
+    model = tiny_model("qwen2_moe")
+    blocks = xh.patch(model)
+    inputs = xh.capture_inputs(model, [token_batch(s, batch=4, length=16) for s in range(2)])
+    fitted = xh.fit_budget(model, inputs, target_experts_per_token=1.6, per_layer=False)
+    assert len({f["threshold"] for f in fitted}) == 1
+    with torch.no_grad():
+        got = [b.router(x).experts_per_token for b, x in zip(blocks, inputs)]
+    assert [f["achieved"] for f in fitted] == pytest.approx(got)
+    assert sum(got) / len(got) == pytest.approx(1.6, rel=0.02)

@@ -77,6 +77,11 @@ def add_parser(sub) -> None:
         help="with --flop-fraction / --target-experts: fit the entropy-k rule instead of t",
     )
     e.add_argument(
+        "--global-t",
+        action="store_true",
+        help="with --flop-fraction / --target-experts: one t for all layers (their mean)",
+    )
+    e.add_argument(
         "--max-experts", type=int, help="cap on experts/token of --threshold / --flop-fraction"
     )
     e.add_argument("--no-time", action="store_true", help="skip the wall-clock comparison")
@@ -99,6 +104,9 @@ def add_parser(sub) -> None:
     s.add_argument("--no-entropy", action="store_true", help="skip the entropy-k baseline")
     s.add_argument(
         "--no-capped", action="store_true", help="skip the budgets capped at the native k"
+    )
+    s.add_argument(
+        "--no-global", action="store_true", help="skip the budgets met by one t for all layers"
     )
     s.add_argument("--no-time", action="store_true", help="skip the wall-clock comparison")
     s.add_argument(
@@ -147,6 +155,7 @@ def _eval(args) -> int:
             flop_fraction=args.flop_fraction,
             target=args.target_experts,
             max_experts=cap if rule == "budget" else None,
+            per_layer=not args.global_t,
         )
     else:
         point = Point("native")
@@ -194,6 +203,7 @@ def _sweep(args) -> int:
         topk=tuple(_ints(args.topk)),
         entropy=not args.no_entropy,
         capped=not args.no_capped,
+        global_t=not args.no_global,
         timing=not args.no_time,
         timing_fraction=args.time_fraction,
         repeats=args.repeats,

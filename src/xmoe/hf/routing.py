@@ -169,6 +169,7 @@ def fit_budget(
     rule: str = "threshold",
     max_k: int | None = None,
     max_experts: int | None = None,
+    per_layer: bool = True,
     tolerance: float = 0.01,
 ) -> list[dict]:
     """Fit each layer's rule to a mean experts/token on its calibration ``inputs`` and set it.
@@ -184,10 +185,13 @@ def fit_budget(
         max_k: largest k of ``entropy_k``. Default: the native k (2 for top-2: one cut-off).
         max_experts: cap on the experts per token of the ``threshold`` rule (e.g. the native k,
             so no token uses more experts than the model was trained with). Default: none.
+        per_layer: fit each layer to its own target (default), or one t (one cut-off) for
+            all layers so that their *mean* reaches the mean target: the rule then spends more
+            experts in the layers whose routers are less sure.
         tolerance: relative tolerance of the bisection.
 
     Returns: per layer ``{"threshold" | "entropy_cutoffs": ..., "target": .., "achieved": ..}``
-    (achieved on the calibration inputs; the rate on other text differs a little).
+    (the layer's rate on the calibration inputs; the rate on other text differs a little).
     """
     check_choice("rule", rule, ("threshold", "entropy_k"))
     blocks = _blocks(model)
@@ -201,33 +205,46 @@ def fit_budget(
         targets = _per_layer("target_experts_per_token", target_experts_per_token, n, _is_number)
     if len(inputs) != n:
         raise ValueError(f"inputs must hold {n} tensors (one per MoE layer), got {len(inputs)}")
-    fitted = []
-    for b, x, target in zip(blocks, inputs, targets):
+    for b, target in zip(blocks, targets):
         check_range("target_experts_per_token", target, 1, b.num_experts)
+    kmax = {}
+    if rule == "entropy_k":
+        for b in blocks:
+            kmax[b] = max_k if max_k is not None else int(b.native_options["k"])
+            if kmax[b] < 2:
+                raise ValueError(f"max_k must be >= 2 for entropy_k, got {kmax[b]}")
+
+    def setting(b: HFMoE, u: float) -> dict:
+        """Block ``b``'s rule at parameter ``u`` (the rate grows with ``u``): t itself, or
+        ``1 - c`` for the entropy cut-off ``c``."""
         if rule == "threshold":
+            return {"selection": "threshold", "threshold": u, "max_experts": max_experts}
+        return {"selection": "entropy_k", "entropy_cutoffs": _cutoffs(1 - u, kmax[b])}
 
-            def measure(t, b=b, x=x, max_experts=max_experts):
-                b.use_routing(selection="threshold", threshold=t, max_experts=max_experts)
-                return b.router(x).experts_per_token
+    def rate(pairs, u: float) -> float:
+        rates = []
+        for b, x in pairs:
+            b.use_routing(**setting(b, u))
+            rates.append(b.router(x).experts_per_token)
+        return sum(rates) / len(rates)
 
-            t, got = calibrate_threshold(measure, target, tolerance=tolerance, iters=40)
-            b.use_routing(selection="threshold", threshold=t, max_experts=max_experts)
-            fitted.append({"threshold": t, "target": target, "achieved": got})
-        else:
-            kmax = max_k if max_k is not None else int(b.native_options["k"])
-            if kmax < 2:
-                raise ValueError(f"max_k must be >= 2 for entropy_k, got {kmax}")
-
-            def measure(t, b=b, x=x, kmax=kmax):  # t = 1 - c: rate grows with t
-                b.use_routing(selection="entropy_k", entropy_cutoffs=_cutoffs(1 - t, kmax))
-                return b.router(x).experts_per_token
-
-            t, got = calibrate_threshold(
-                measure, target, tolerance=tolerance, iters=40, low=1e-4, high=1 - 1e-4
-            )
-            cuts = _cutoffs(1 - t, kmax)
-            b.use_routing(selection="entropy_k", entropy_cutoffs=cuts)
-            fitted.append({"entropy_cutoffs": list(cuts), "target": target, "achieved": got})
+    bounds = {"low": 1e-4, "high": 1.0 if rule == "threshold" else 1 - 1e-4}
+    groups = (
+        [[(b, x)] for b, x in zip(blocks, inputs)] if per_layer else [list(zip(blocks, inputs))]
+    )
+    group_targets = targets if per_layer else [sum(targets) / n]
+    fitted = []
+    for pairs, target in zip(groups, group_targets):
+        u, got = calibrate_threshold(
+            lambda u, pairs=pairs: rate(pairs, u), target, tolerance=tolerance, iters=40, **bounds
+        )
+        for b, x in pairs:
+            opts = setting(b, u)
+            b.use_routing(**opts)
+            key = "threshold" if rule == "threshold" else "entropy_cutoffs"
+            value = opts["threshold"] if rule == "threshold" else list(opts["entropy_cutoffs"])
+            layer_rate = b.router(x).experts_per_token
+            fitted.append({key: value, "target": target, "achieved": layer_rate})
     return fitted
 
 

@@ -39,6 +39,7 @@ class Point:
     flop_fraction: float | None = None
     target: float | None = None
     max_experts: int | None = None  # cap of threshold / budget (e.g. the native k)
+    per_layer: bool = True  # budget / entropy_k: one fit per layer, or one for all layers
 
     def __post_init__(self) -> None:
         check_choice("rule", self.rule, POINT_RULES)
@@ -46,6 +47,7 @@ class Point:
     @property
     def label(self) -> str:
         cap = "" if self.max_experts is None else f" (<= {self.max_experts})"
+        cap += "" if self.per_layer else " global"
         if self.rule == "threshold":
             t = self.threshold
             t = f"{t:g}" if isinstance(t, (int, float)) else ",".join(f"{v:g}" for v in t)
@@ -135,6 +137,7 @@ class Session:
                 flop_fraction=point.flop_fraction,
                 rule=rule,
                 max_experts=point.max_experts if rule == "threshold" else None,
+                per_layer=point.per_layer,
             )
             return {"fitted": fitted}
         return {}

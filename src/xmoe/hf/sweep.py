@@ -24,6 +24,7 @@ class SweepConfig:
     topk: tuple[int, ...] = (1,)  # other fixed k to include
     entropy: bool = True  # the entropy-k baseline at each budget
     capped: bool = True  # also each budget with the threshold capped at the native k
+    global_t: bool = True  # also each budget met by one t for all layers (their mean)
     timing: bool = True
     timing_fraction: float = 0.75  # budget timed against native and HF
     repeats: int = 5
@@ -40,6 +41,8 @@ def sweep_points(cfg: SweepConfig, has_section: bool, native_k: int) -> list[Poi
         points.append(Point("budget", flop_fraction=f))
         if cfg.capped:
             points.append(Point("budget", flop_fraction=f, max_experts=native_k))
+        if cfg.global_t:
+            points.append(Point("budget", flop_fraction=f, per_layer=False))
         if cfg.entropy:
             points.append(Point("entropy_k", flop_fraction=f))
     return points
@@ -58,7 +61,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         if point.rule == "topk" and point.k == native_k:
             continue
         row = session.evaluate(point)
-        row["series"] = point.rule + (" capped" if point.max_experts is not None else "")
+        row["series"] = (
+            point.rule
+            + (" capped" if point.max_experts is not None else "")
+            + ("" if point.per_layer else " global")
+        )
         rows.append(row)
         log(
             f"{row['rule']:>9} {row['setting']:>20}  experts/token "
@@ -158,6 +165,7 @@ def plot_sweep(result: dict, path: Path) -> None:
         "threshold": ("o", "tab:blue", "threshold t (global)"),
         "budget": ("D", "tab:green", "threshold, per-layer budget"),
         "budget capped": ("v", "tab:olive", "threshold, per-layer budget, <= native k"),
+        "budget global": ("X", "tab:cyan", "threshold, one t for all layers at the budget"),
         "entropy_k": ("^", "tab:red", "entropy-k (same budget)"),
     }
     for rule, (marker, color, label) in styles.items():
@@ -169,7 +177,7 @@ def plot_sweep(result: dict, path: Path) -> None:
         if not pts:
             continue
         xs, ys = zip(*pts)
-        line = "-" if rule in ("threshold", "budget", "budget capped", "entropy_k") else ""
+        line = "" if rule in ("native", "restored", "topk") else "-"
         ax.plot(xs, ys, marker=marker, color=color, linestyle=line, label=label, ms=7)
     ax.set_xlabel("mean routed experts per token")
     ax.set_ylabel("perplexity")
