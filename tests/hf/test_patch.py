@@ -85,3 +85,17 @@ def test_generate_runs_with_threshold_routing():
     xh.set_routing(model, "threshold", threshold=0.5)
     out = model.generate(token_batch(2, batch=1, length=4), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_copied_contiguous_weights_give_the_same_logits(family):
+    model = tiny_model(family)
+    ids = token_batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        blocks = xh.patch(model, share=False)
+        got = model(input_ids=ids).logits
+    ex = blocks[0].experts
+    assert ex.w1.is_contiguous() and ex.w2.is_contiguous() and ex.w3.is_contiguous()
+    assert blocks[0].shared_experts.w1.is_contiguous()
+    assert (got - ref).abs().max() < 1e-5

@@ -112,9 +112,10 @@ class HFMoE(MoE):
         return f"family={self.family!r}, layer_index={self.layer_index}, " + super().extra_repr()
 
 
-def _view_param(t: Tensor) -> nn.Parameter:
-    """A parameter that is a view of ``t``'s storage (no copy)."""
-    return nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+def _param(t: Tensor, share: bool) -> nn.Parameter:
+    """A parameter that is a view of ``t``'s storage (``share``) or a contiguous copy."""
+    data = t.detach() if share else t.detach().contiguous().clone()
+    return nn.Parameter(data, requires_grad=t.requires_grad)
 
 
 def _activation(act_fn: nn.Module, hidden_act: str | None):
@@ -123,8 +124,11 @@ def _activation(act_fn: nn.Module, hidden_act: str | None):
     return name if name is not None else act_fn
 
 
-def fused_experts(hf_experts: nn.Module, hidden_act: str | None, backend: str) -> Experts:
-    """xmoe :class:`Experts` whose weights are views of HF's ``gate_up_proj`` / ``down_proj``."""
+def fused_experts(
+    hf_experts: nn.Module, hidden_act: str | None, backend: str, share: bool = True
+) -> Experts:
+    """xmoe :class:`Experts` whose weights are views of HF's ``gate_up_proj`` / ``down_proj``
+    (``share=False``: contiguous copies in xmoe's layout)."""
     gate_up, down = hf_experts.gate_up_proj, hf_experts.down_proj
     num_experts, two_h, d_model = gate_up.shape
     h = two_h // 2
@@ -136,22 +140,24 @@ def fused_experts(hf_experts: nn.Module, hidden_act: str | None, backend: str) -
     act = _activation(hf_experts.act_fn, hidden_act)
     with torch.device("meta"):
         experts = Experts(num_experts, d_model, h, act, bias=False, backend=backend, glu=True)
-    experts.w1 = _view_param(gate_up[:, :h].transpose(1, 2))
-    experts.w3 = _view_param(gate_up[:, h:].transpose(1, 2))
-    experts.w2 = _view_param(down.transpose(1, 2))
+    experts.w1 = _param(gate_up[:, :h].transpose(1, 2), share)
+    experts.w3 = _param(gate_up[:, h:].transpose(1, 2), share)
+    experts.w2 = _param(down.transpose(1, 2), share)
     return experts
 
 
-def mlp_experts(mlp: nn.Module, hidden_act: str | None, backend: str) -> Experts:
+def mlp_experts(
+    mlp: nn.Module, hidden_act: str | None, backend: str, share: bool = True
+) -> Experts:
     """One xmoe expert whose weights are views of an HF gated MLP (gate/up/down ``nn.Linear``)."""
     g, u, dn = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     h, d_model = g.shape
     act = _activation(mlp.act_fn, hidden_act)
     with torch.device("meta"):
         experts = Experts(1, d_model, h, act, bias=False, backend=backend, glu=True)
-    experts.w1 = _view_param(g.t().unsqueeze(0))
-    experts.w3 = _view_param(u.t().unsqueeze(0))
-    experts.w2 = _view_param(dn.t().unsqueeze(0))
+    experts.w1 = _param(g.t().unsqueeze(0), share)
+    experts.w3 = _param(u.t().unsqueeze(0), share)
+    experts.w2 = _param(dn.t().unsqueeze(0), share)
     return experts
 
 
@@ -180,19 +186,22 @@ def native_router(family: str, gate: nn.Module) -> ScoredRouter:
     return router
 
 
-def build_moe(family: str, block: nn.Module, layer_index: int, backend: str = "auto") -> HFMoE:
-    """The :class:`HFMoE` equal to HF sparse MoE ``block`` of ``family``, sharing its tensors."""
+def build_moe(
+    family: str, block: nn.Module, layer_index: int, backend: str = "auto", share: bool = True
+) -> HFMoE:
+    """The :class:`HFMoE` equal to HF sparse MoE ``block`` of ``family``, sharing its tensors
+    (``share=False``: the expert weights are copied into xmoe's contiguous layout)."""
     hidden_act = getattr(getattr(block, "config", None), "hidden_act", None)
     if hidden_act is None:
         hidden_act = getattr(block.experts, "config", None)
         hidden_act = getattr(hidden_act, "hidden_act", None)
-    experts = fused_experts(block.experts, hidden_act, backend)
+    experts = fused_experts(block.experts, hidden_act, backend, share)
     shared, shared_gate = None, None
     if family == "qwen2_moe":
-        shared = mlp_experts(block.shared_expert, hidden_act, backend)
+        shared = mlp_experts(block.shared_expert, hidden_act, backend, share)
         shared_gate = block.shared_expert_gate
     elif family == "deepseek_v3":
-        shared = mlp_experts(block.shared_experts, hidden_act, backend)
+        shared = mlp_experts(block.shared_experts, hidden_act, backend, share)
     router = native_router(family, block.gate)
     moe = HFMoE(family, layer_index, router, experts, shared, shared_gate)
     moe.train(block.training)

@@ -21,12 +21,15 @@ def moe_blocks(model: nn.Module) -> list[HFMoE]:
     return [m for m in model.modules() if isinstance(m, HFMoE)]
 
 
-def patch(model: nn.Module, *, backend: str = "auto") -> list[HFMoE]:
+def patch(model: nn.Module, *, backend: str = "auto", share: bool = True) -> list[HFMoE]:
     """Replace each supported HF sparse MoE block of ``model`` in place; returns the new blocks.
 
     Args:
         model: a transformers model of a supported family (any head), or one already patched.
         backend: xmoe expert backend (``"auto"``, ``"native"``, ``"segment"``, ...).
+        share: the xmoe expert weights are views of HF's tensors (default, no extra memory);
+            False copies them into xmoe's contiguous ``[E, d, h]`` layout (the HF tensors are
+            then freed with the HF block), e.g. for kernels that want contiguous weights.
 
     Raises:
         ValueError: the model has no supported sparse MoE block (the message names its class,
@@ -45,17 +48,24 @@ def patch(model: nn.Module, *, backend: str = "auto") -> list[HFMoE]:
     for i, (name, module, fam) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, build_moe(fam.name, module, len(done) + i, backend))
+        setattr(parent, child, build_moe(fam.name, module, len(done) + i, backend, share))
     return moe_blocks(model)
 
 
-def from_pretrained(path_or_model: str | Path | nn.Module, *, backend: str = "auto", **hf_kwargs):
+def from_pretrained(
+    path_or_model: str | Path | nn.Module,
+    *,
+    backend: str = "auto",
+    share: bool = True,
+    **hf_kwargs,
+):
     """A transformers causal LM with xmoe MoE blocks.
 
     Args:
         path_or_model: a folder (or hub name) for ``AutoModelForCausalLM.from_pretrained``, or a
             loaded model (patched in place).
         backend: xmoe expert backend.
+        share: share the HF expert tensors (views) or copy them contiguous (see :func:`patch`).
         **hf_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
 
     If the config has an ``xmoe`` section (written by ``xmoe export-hf`` for a threshold run),
@@ -70,7 +80,7 @@ def from_pretrained(path_or_model: str | Path | nn.Module, *, backend: str = "au
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path_or_model), **hf_kwargs)
-    patch(model, backend=backend)
+    patch(model, backend=backend, share=share)
     section = getattr(model.config, "xmoe", None)
     if section:
         from .routing import apply_xmoe_section
