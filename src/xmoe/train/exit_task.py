@@ -56,7 +56,8 @@ class ExitOptions:
     pooling: str = "mean"  # per-layer feature: mean over tokens (as sentence-transformers) or CLS
     max_length: int = 128  # tokenizer truncation
     embed_batch: int = 64
-    # a run dir (or its data/ folder) whose cached MiniLM features this run may copy
+    # a run dir (or its data/ folder) whose cached data this run may copy: the MiniLM
+    # features, or (gpt) the tokenizer and token arrays
     features_from: str | None = None
     # JEI-DNN cost trade-offs: one member per value (cost normalised to 1 at the last exit)
     lambdas: list = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
@@ -71,6 +72,7 @@ class ExitOptions:
     # losses; the other lambdas get gates trained on the same exits
     lm_lambda_index: int = 2
     lm_gates: bool = True  # false: the GPT without exits (the 'neither' / 'width-only' rows)
+    lm_final_eval_tokens: int = 0  # gpt: cap on the val tokens of the final evaluation; 0: all
 
     def validate(self) -> None:
         check_choice("task_options.backbone", self.backbone, BACKBONES)
@@ -81,6 +83,7 @@ class ExitOptions:
             check_int(f"task_options.{name}", getattr(self, name), 1)
         check_int("task_options.max_per_work", self.max_per_work, 3)
         check_int("task_options.warmup", self.warmup, 0)
+        check_int("task_options.lm_final_eval_tokens", self.lm_final_eval_tokens, 0)
         check_int("task_options.alternate_every", self.alternate_every, 1)
         check_range("task_options.mix", self.mix, 0.0, 1.0)
         check_range("task_options.pos_weight", self.pos_weight, 0.0, math.inf, low_open=True)
@@ -131,16 +134,25 @@ def features_name(o: ExitOptions) -> str:
     return f"minilm_features_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
+def copy_cached(data_dir: Path, source: str | None, names: tuple[str, ...]) -> None:
+    """Copy the files ``names`` from ``source`` (a run dir or its data/ folder) into
+    ``data_dir`` where ``data_dir`` lacks them."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not source:
+        return
+    for name in names:
+        if (data_dir / name).exists():
+            continue
+        for cand in (Path(source) / name, Path(source) / "data" / name):
+            if cand.is_file():
+                atomic_write(data_dir / name, cand.read_bytes())
+                break
+
+
 def load_features(data_dir: Path, o: ExitOptions) -> Features:
     """The cached features in ``data_dir`` (copied from ``features_from`` or computed first)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    copy_cached(data_dir, o.features_from, (features_name(o),))
     path = data_dir / features_name(o)
-    if not path.exists() and o.features_from:
-        src = Path(o.features_from)
-        for cand in (src / features_name(o), src / "data" / features_name(o)):
-            if cand.exists():
-                atomic_write(path, cand.read_bytes())
-                break
     if not path.exists():
         buf = io.BytesIO()
         torch.save(compute_features(o), buf)
@@ -368,6 +380,7 @@ class ExitLMTask:
         return ExitGPT(self.cfg.model, lambdas, self.o.gate_hidden)
 
     def setup(self, data_dir: Path, model: ExitGPT) -> None:
+        copy_cached(data_dir, self.o.features_from, ("tokenizer.json", "tokens.npz"))
         self.data = load_data(self.cfg, data_dir)
         fit_token_statistics(model.gpt, self.data)
 
@@ -417,6 +430,8 @@ class ExitLMTask:
         """Val perplexity and FLOPs/token without exits and with each gate set's exits."""
         was_training = model.training
         model.eval()
+        if max_tokens is None and self.o.lm_final_eval_tokens:
+            max_tokens = self.o.lm_final_eval_tokens
         members: list[int | None] = [None, *range(len(model.lambdas))]
         loss = [0.0] * len(members)
         flops = [0.0] * len(members)
