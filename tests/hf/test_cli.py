@@ -90,3 +90,25 @@ def test_bad_inputs_are_clear_errors(model_dir, tmp_path, capsys):
     assert main(["hf-eval", str(model_dir), "--entropy-k", *SMALL]) == 2
     assert "--entropy-k needs" in capsys.readouterr().err
     assert main(["hf-eval", str(model_dir), "--threshold", "0.5,x", *SMALL]) == 2
+
+
+def test_hf_sweep_of_a_threshold_export_has_the_restored_row(tmp_path):
+    from xmoe.data.tokenizer import train_tokenizer
+    from xmoe.hf.export import export_model
+    from xmoe.models import GPT, GPTConfig, MoEConfig
+
+    moe = MoEConfig(num_experts=4, d_expert=8, router="threshold", activation="swiglu",
+                    bias=False, router_options={"threshold": 0.5, "init_std": 0.5})  # fmt: skip
+    cfg = GPTConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=24,
+                    moe=moe, arch="qwen3_moe", activation="swiglu", moe_every=1)  # fmt: skip
+    torch.manual_seed(0)
+    out = export_model(GPT(cfg).eval(), tmp_path / "hf", train_tokenizer(["a"], 257))
+    skip = ["--no-time", "--no-capped", "--no-global", "--no-entropy"]
+    args = ["hf-sweep", str(out), "--thresholds", "0.5", "--flop-fractions", "0.5", *skip,
+            *SMALL, "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
+    by = {r["setting"]: r for r in rows}
+    assert by["native"]["experts_per_token"] == [4.0, 4.0]  # exported as top-4 (k = E)
+    assert by["restored"]["ppl"] == pytest.approx(by["t=0.5"]["ppl"], rel=1e-6)
+    assert by["restored"]["experts_per_token"] == by["t=0.5"]["experts_per_token"]
