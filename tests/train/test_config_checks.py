@@ -91,6 +91,7 @@ def test_config_paths_that_are_not_yaml_files(tmp_path):
         (["train.beta2=1"], r"train\.beta2 must be a number in \[0.0, 1.0\)"),
         (["train.lr=.inf"], r"train\.lr must be a finite number > 0"),
         (["train.seed=-1"], r"train\.seed must be an integer >= 0"),
+        (["train.threads=5000"], r"train\.threads must be an integer \[0, 1024\]"),
         (["train.tensorboard=1"], r"'train\.tensorboard' must be bool"),
         (
             ["data.vocab_size=100", "model.vocab_size=100"],

@@ -98,8 +98,9 @@ class RunConfig:
         t = self.train
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
             check_int(f"train.{name}", getattr(t, name), 1)
-        for name in ("warmup_steps", "checkpoint_every", "threads", "eval_tokens", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "eval_tokens", "seed"):
             check_int(f"train.{name}", getattr(t, name), 0)
+        check_int("train.threads", t.threads, 0, 1024)  # 0: torch's default
         check_positive("train.lr", t.lr)
         check_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
         check_range("train.weight_decay", t.weight_decay, 0.0, math.inf)
