@@ -138,3 +138,20 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, corpus, capsys):
     assert main(args + sets("train.steps=1")) == 2
     _one_error_line(capsys, "is not an xmoe run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate", "{run}", "--temperature", "nan"], "--temperature"),
+        (["generate", "{run}", "--temperature", "0"], "--temperature"),
+        (["generate", "{run}", "--top-k", "0"], "--top-k"),
+        (["generate", "{run}", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["eval", "{run}", "--threshold", "nan"], "threshold"),
+        (["eval", "{run}", "--max-tokens", "0"], "--max-tokens"),
+        (["eval", "{run}", "--set", "model.d_model=32"], "does not match the model config"),
+    ],
+)
+def test_eval_and_generate_arguments(trained, capsys, argv, needle):
+    assert main([a.replace("{run}", str(trained)) for a in argv]) == 2
+    _one_error_line(capsys, needle)
