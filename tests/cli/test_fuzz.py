@@ -126,13 +126,26 @@ YAML_FRAGMENTS = [
     "key: &a [*a, *a]\n",
 ]
 
-override = st.tuples(st.sampled_from(KEYS), st.sampled_from(VALUES)).map(lambda kv: "=".join(kv))
+# Valid overrides, so that some examples train (and must exit 0).
+VALID = [
+    "train.lr=3e-3", "train.lr=1E-2", "train.warmup_steps=0", "train.grad_clip=0",
+    "train.time_limit_s=null", "train.time_limit_s=0", "train.weight_decay=0", "train.seed=3",
+    "model.moe_every=2", "model.moe_every=0", "model.dropout=0.1", "model.activation=relu",
+    "model.moe.router=topk", "model.moe.router_options={k: 2}", "model.moe.router=switch",
+    "model.moe.router=hash", "model.moe.capacity_factor=1.5", "model.moe.capacity_factor=dropless",
+    "model.moe.loss_coefs.z_loss=1e-3", "model.moe.loss_coefs={}", "model.moe.bias=false",
+    "model.moe.activation=swiglu", "model.moe.backend=loop",
+    "model.moe.router_options.threshold=0.5",
+    "data.val_fraction=0.1", "train.min_lr_ratio=1", "train.precision=fp32",
+]  # fmt: skip
+wrong = st.tuples(st.sampled_from(KEYS), st.sampled_from(VALUES)).map(lambda kv: "=".join(kv))
+override = st.one_of(wrong, st.sampled_from(VALID), st.sampled_from(VALID))
 config_text = st.lists(st.sampled_from(YAML_FRAGMENTS), max_size=2).map("".join)
 counter = itertools.count()
 
 
 @settings(
-    max_examples=40,
+    max_examples=50,
     deadline=None,
     derandomize=True,  # the same examples every run: a failure reproduces
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
