@@ -105,3 +105,14 @@ def test_load_run_returns_the_trained_model_in_eval_mode(tmp_path, corpus):
     empty.save_config(load_config())
     with pytest.raises(ValueError, match="has no checkpoint"):
         load_run(empty)
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_skipped_and_dropped_on_resume(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_metrics({"split": "train", "step": 1})
+    with run.metrics_path.open("a") as f:
+        f.write('{"split": "train", "st')  # killed mid-line
+    assert run.read_metrics() == [{"split": "train", "step": 1}]
+    run.truncate_metrics(1)
+    run.append_metrics({"split": "train", "step": 2})
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
