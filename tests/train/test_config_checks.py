@@ -92,6 +92,8 @@ def test_config_paths_that_are_not_yaml_files(tmp_path):
         (["train.lr=.inf"], r"train\.lr must be a finite number > 0"),
         (["train.seed=-1"], r"train\.seed must be an integer >= 0"),
         (["train.threads=5000"], r"train\.threads must be an integer \[0, 1024\]"),
+        (["model.moe.shared_experts=-1"], r"model\.moe\.shared_experts must be an integer >= 0"),
+        (["model.moe.d_shared=-1"], r"model\.moe\.d_shared must be an integer >= 1"),
         (["train.tensorboard=1"], r"'train\.tensorboard' must be bool"),
         (
             ["data.vocab_size=100", "model.vocab_size=100"],

@@ -30,6 +30,10 @@ def validate_model(m: GPTConfig) -> None:
     check_choice("model.moe.activation", moe.activation, ACTIVATIONS)
     check_choice("model.moe.backend", moe.backend, BACKENDS)
     check_bool("model.moe.bias", moe.bias)
+    if hasattr(moe, "shared_experts"):  # shared experts (DeepSeekMoE / Qwen2-MoE)
+        check_int("model.moe.shared_experts", moe.shared_experts, 0)
+        if getattr(moe, "d_shared", None) is not None:
+            check_int("model.moe.d_shared", moe.d_shared, 1)
     for name in ("capacity_factor", "eval_capacity_factor"):
         value = getattr(moe, name)
         if value is None or value == "dropless" or value == math.inf:
