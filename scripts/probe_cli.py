@@ -388,9 +388,9 @@ def probe_kills(work: Path, corpus: Path, targeted: int, random_kills: int, seed
 
 
 def probe_concurrency(work: Path, corpus: Path) -> dict:
-    steps = 150
+    steps = 2000  # long enough that the second process starts while the first trains
     base = ["--data", str(corpus), "--no-progress"] + sets(
-        f"train.steps={steps}", "train.checkpoint_every=25", "train.eval_every=50"
+        f"train.steps={steps}", "train.checkpoint_every=100", "train.eval_every=500"
     )
     second = {
         "overwrite": lambda run: ["train", "--run-dir", str(run), "--overwrite", *base],
@@ -401,7 +401,7 @@ def probe_concurrency(work: Path, corpus: Path) -> dict:
         "eval while training": lambda run: ["eval", str(run), "--max-tokens", "32"],
         "generate while training": lambda run: ["generate", str(run), "--max-new-tokens", "2"],
         "plot while training": lambda run: ["plot", str(run)],
-        "overwrite then resume": lambda run: ["train", "--run-dir", str(run), "--overwrite", *base],
+        "overwrite after the run ended": lambda run: ["train", "--run-dir", str(run), "--overwrite", *base],
     }  # fmt: skip
     trials = []
     for i, (name, make) in enumerate(second.items()):
@@ -435,7 +435,9 @@ def probe_concurrency(work: Path, corpus: Path) -> dict:
                 time.sleep(0.2)  # A is training
             b = _xmoe(make(run), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         _, err_b = b.communicate()
+        running = a.poll() is None  # A was still running when B ended
         _, err_a = a.communicate()
+        overlapped = running or "in use by another xmoe process" in (err_a + err_b)
         codes = sorted([a.returncode, b.returncode])
         reader = name.endswith("while training")
         refused = reader or (
@@ -452,13 +454,16 @@ def probe_concurrency(work: Path, corpus: Path) -> dict:
         except (OSError, ValueError, KeyError, AttributeError):
             ok_state = False
         reader_ok = not reader or b.returncode == 0 or "error:" in err_b
-        if name == "overwrite then resume":  # after A finished, B's overwrite + a resume work
+        if (
+            name == "overwrite after the run ended"
+        ):  # after A finished, B's overwrite + a resume work
             again = _xmoe(make(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             ok_state = ok_state and again.wait() == 0
         lost = not (refused and ok_state and reader_ok)
         trials.append(
             {
                 "trial": name,
+                "overlapped": overlapped,
                 "codes": [a.returncode, b.returncode],
                 "lost": lost,
                 "refusal": (err_b or err_a).strip()[-200:],
@@ -466,7 +471,11 @@ def probe_concurrency(work: Path, corpus: Path) -> dict:
         )
         shutil.rmtree(run, ignore_errors=True)
     return {
-        "counts": {"concurrent_trials": len(trials), "data_lost": sum(t["lost"] for t in trials)},
+        "counts": {
+            "concurrent_trials": len(trials),
+            "overlapped": sum(t["overlapped"] for t in trials),
+            "data_lost": sum(t["lost"] for t in trials),
+        },
         "trials": trials,
     }  # fmt: skip
 
