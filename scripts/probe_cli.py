@@ -164,7 +164,11 @@ def probe_inputs(work: Path, corpus: Path) -> dict:
 
     for key, values in BAD_VALUES.items():
         for value in values:
-            cases.append((f"--set {key}={value}", train_args(f"{key}={value}"), False))
+            argv = train_args(f"{key}={value}")
+            if key == "data.path":  # --data would take its place
+                i = argv.index("--data")
+                argv = argv[:i] + argv[i + 2 :]
+            cases.append((f"--set {key}={value}", argv, False))
     for item in MALFORMED_SET:
         cases.append((f"--set {item}", train_args(extra=["--set", item]), False))
     for items in VALID:
