@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from . import bench, convert, experiments, export, hf, plot, train, translate
 from . import exit as exit_commands
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    # warnings (e.g. a checkpoint that failed its check and the fallback used) as one line
+    warnings.formatwarning = lambda message, category, *rest, **kw: (
+        f"xmoe {args.command}: warning: {message}\n"
+    )
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as exc:
