@@ -173,3 +173,28 @@ def test_run_record_reads_drops_and_the_final_threshold_of_the_last_train_line(t
     assert rec["moe_gflops_per_token"] == pytest.approx(0.5 * 4 * 128 * 512 / 1e9)
     bare = run_record(Row("r"), 0, summary, 128, tmp_path / "missing")
     assert bare["train_dropped_fraction"] is None and bare["final_threshold"] is None
+
+
+def test_recipe_rows_hold_top2_flops_and_the_plot_marks_their_group(tmp_path):
+    pytest.importorskip("matplotlib")
+    from xmoe.experiments.paper import RECIPE, plot_pareto, recipe_rows
+
+    (row,) = recipe_rows(512)
+    o = row.overrides
+    assert o["model.moe.num_experts"] == 64 and o["model.moe.d_expert"] == 64
+    assert o["model.moe.router_options"]["target_experts_per_token"] == 8.0
+    for key, value in RECIPE.items():
+        assert o[f"model.moe.{key}"] == value
+    assert row.name in [r.name for r in paper_rows(512)]
+    table = [
+        {"row": "top2", "group": "", "moe_compute_ratio": 1.0, "val_ppl": 117.0, "val_ppl_std": 2},
+        {
+            "row": row.name,
+            "group": row.group,
+            "moe_compute_ratio": 1.0,
+            "val_ppl": 110.0,
+            "val_ppl_std": 1.0,
+        },
+    ]
+    assert plot_pareto(table, tmp_path / "p.png") == tmp_path / "p.png"
+    assert (tmp_path / "p.png").stat().st_size > 1000

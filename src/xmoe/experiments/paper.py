@@ -90,6 +90,29 @@ def paper_rows(d_ff: int = 512, recipe: dict | None = None) -> list[Row]:
             ),
             f"budget controller: {top2_ept:g} experts/token = top-2's active FLOPs",
         ),
+        *recipe_rows(d_ff),
+    ]
+
+
+RECIPE = {"loss_coefs": {"soft_count": 0.01}}
+"""The second pass's XMoE recipe (``model.moe`` overrides), chosen by the ``paper-ablation``
+preset (docs/results.md): the ``soft_count`` sparsity loss at 0.01 on xmoe's defaults. XMoE-64
+with it alone is the first pass's ``xmoe64+soft_count`` row."""
+
+
+def recipe_rows(d_ff: int = 512, recipe: dict | None = None) -> list[Row]:
+    """The second pass: XMoE-64 with ``recipe`` (default :data:`RECIPE`) held at top-2's active
+    FLOPs by the budget controller."""
+    recipe = RECIPE if recipe is None else recipe
+    top2_ept = 2 * (8 * d_ff // 16) / (d_ff // 8)
+    opts = {"threshold": 0.9, "target_experts_per_token": top2_ept}
+    return [
+        Row(
+            "xmoe64+recipe@top2_flops",
+            _moe(64, d_ff // 8, "threshold", router_options=opts, **recipe),
+            f"recipe + budget controller at {top2_ept:g} experts/token",
+            group="second pass (recipe)",
+        ),
     ]
 
 
