@@ -149,9 +149,11 @@ def write_report(rows: list[dict], out: Path, title: str) -> dict[str, Path]:
 
 
 def pick_reliability_rows(rows: list[dict]) -> list[dict]:
-    """JEI-DNN's middle point, the baselines nearest its cost, and the last layer."""
+    """The most accurate JEI-DNN point that saves compute (cost < 0.95; else its middle one),
+    the thresholding baselines nearest its cost, and the last layer."""
     jei = [r for r in rows if r["method"] == "jei"]
-    mid = jei[len(jei) // 2]
+    saving = [r for r in jei if r["cost"] < 0.95]
+    mid = max(saving, key=lambda r: r["accuracy"]) if saving else jei[len(jei) // 2]
     picked = [mid]
     for m in ("confidence", "entropy"):
         cands = [r for r in rows if r["method"] == m]
