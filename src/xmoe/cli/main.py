@@ -28,6 +28,9 @@ USAGE_EXAMPLES = """examples:
   xmoe routers
   xmoe compare --routers switch,gshard,threshold --steps 400
   xmoe bench --quick
+
+exit codes: 0 done, 1 the run failed (loss not finite, disk/OS error), 2 a bad input (one line
+on stderr naming the file or key), 130 interrupted. See docs/reliability.md.
 """
 
 
