@@ -155,3 +155,24 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, corpus, capsys):
 def test_eval_and_generate_arguments(trained, capsys, argv, needle):
     assert main([a.replace("{run}", str(trained)) for a in argv]) == 2
     _one_error_line(capsys, needle)
+
+
+@pytest.mark.parametrize(
+    "exc, code, needle",
+    [
+        (FloatingPointError("loss became nan at step 3"), 1, "loss became nan"),
+        (OSError(28, "No space left on device"), 1, "No space left"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (ValueError("a\nb"), 2, "error: a b"),
+    ],
+)
+def test_exit_codes_of_failures(tmp_path, corpus, capsys, monkeypatch, exc, code, needle):
+    import xmoe.train.loop as loop
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(loop, "train", fail)
+    args = ["train", "--run-dir", str(tmp_path / "r"), "--data", corpus, "--no-progress"]
+    assert main(args + sets("train.steps=1")) == code
+    _one_error_line(capsys, needle)
