@@ -122,8 +122,9 @@ def fit_budget(
     old = [f.threshold for f in ffns]
     for f in ffns:
         f.set_threshold(1.0)
+    sub = spread_batches(batches, tokens)
     try:
-        curves = [layer_curve(f, capture_input(model, f, batches)[:tokens], residual) for f in ffns]
+        curves = [layer_curve(f, capture_input(model, f, sub)[:tokens], residual) for f in ffns]
     finally:
         for f, t in zip(ffns, old, strict=True):
             f.set_threshold(t)
@@ -138,6 +139,19 @@ def fit_budget(
     ]
     fit["grid"] = list(GRID)
     return fit
+
+
+def spread_batches(batches: list[dict[str, Tensor]], tokens: int) -> list[dict[str, Tensor]]:
+    """Evenly spaced batches (they are sorted by length) holding at least ``tokens``
+    non-padding tokens, or all of them."""
+    sizes = [int(b["attention_mask"].sum()) if "attention_mask" in b else 0 for b in batches]
+    total = sum(sizes)
+    if not total or total <= tokens:
+        return batches
+    for step in range(max(1, total // tokens), 1, -1):
+        if sum(sizes[::step]) >= tokens:
+            return batches[::step]
+    return batches
 
 
 def set_thresholds(model: nn.Module, thresholds: list[float]) -> None:
