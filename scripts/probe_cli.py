@@ -392,9 +392,9 @@ def probe_kills(work: Path, corpus: Path, targeted: int, random_kills: int, seed
 
 
 def probe_concurrency(work: Path, corpus: Path) -> dict:
-    steps = 2000  # long enough that the second process starts while the first trains
+    steps = 400  # long enough that the second process starts while the first trains
     base = ["--data", str(corpus), "--no-progress"] + sets(
-        f"train.steps={steps}", "train.checkpoint_every=100", "train.eval_every=500"
+        f"train.steps={steps}", "train.checkpoint_every=50", "train.eval_every=200"
     )
     second = {
         "overwrite": lambda run: ["train", "--run-dir", str(run), "--overwrite", *base],
