@@ -74,8 +74,11 @@ def test_hf_sweep_writes_table_and_plot(model_dir, tmp_path):
     result = json.loads((out / "sweep.json").read_text())
     rules = [r["rule"] for r in result["rows"]]
     assert rules[:6] == ["native", "topk", "threshold", "threshold", "budget", "budget"]
-    assert rules[6:] == ["budget", "entropy_k"]
-    assert result["rows"][6]["series"] == "budget global"
+    assert rules[6:] == ["budget", "budget", "budget", "entropy_k"]
+    series = [r["series"] for r in result["rows"][4:9]]
+    assert series == ["budget", "budget capped", "budget global", "budget top-k",
+                      "budget top-k global"]  # fmt: skip
+    assert max(result["rows"][7]["experts_per_token"]) <= 2  # within the native top-2
     capped = result["rows"][5]
     assert capped["series"] == "budget capped" and max(capped["experts_per_token"]) <= 2
     assert result["rows"][0]["ppl_delta"] == 0
@@ -103,7 +106,7 @@ def test_hf_sweep_of_a_threshold_export_has_the_restored_row(tmp_path):
                     moe=moe, arch="qwen3_moe", activation="swiglu", moe_every=1)  # fmt: skip
     torch.manual_seed(0)
     out = export_model(GPT(cfg).eval(), tmp_path / "hf", train_tokenizer(["a"], 257))
-    skip = ["--no-time", "--no-capped", "--no-global", "--no-entropy"]
+    skip = ["--no-time", "--no-capped", "--no-global", "--no-entropy", "--no-within-topk"]
     args = ["hf-sweep", str(out), "--thresholds", "0.5", "--flop-fractions", "0.5", *skip,
             *SMALL, "--out", str(tmp_path / "s")]  # fmt: skip
     assert main(args) == 0

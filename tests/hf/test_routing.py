@@ -171,3 +171,18 @@ def test_one_threshold_for_all_layers_meets_the_mean_budget():
         got = [b.router(x).experts_per_token for b, x in zip(blocks, inputs)]
     assert [f["achieved"] for f in fitted] == pytest.approx(got)
     assert sum(got) / len(got) == pytest.approx(1.6, rel=0.02)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_threshold_one_within_the_native_topk_is_the_native_routing(family):
+    model = tiny_model(family)
+    ids = token_batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        xh.patch(model)
+        k = xh.native_k(model)[0]
+        xh.set_routing(model, "threshold", threshold=1.0, candidates=k)
+        assert (model(input_ids=ids).logits - ref).abs().max() < 1e-5
+        xh.set_routing(model, "threshold", threshold=0.5, candidates=k)
+        model(input_ids=ids)
+    assert all(1 <= r < k for r in rates(model))

@@ -38,6 +38,9 @@ def oracle(router: ScoredRouter, x: torch.Tensor) -> list[dict[int, torch.Tensor
             best = sorted(range(router.num_groups), key=lambda g: -gscore[g])[: router.topk_groups]
             eligible = {e for g in best for e in range(g * size, (g + 1) * size)}
         ranked = sorted(eligible, key=lambda e: (-choice[e], e))
+        if router.candidates is not None and router.selection != "topk":
+            ranked = ranked[: router.candidates]
+            eligible = set(ranked)
         plain = router.score == "softmax" and not router.has_bias and len(eligible) == E
         if plain:
             share = {e: float(s[e].detach()) for e in ranked}
@@ -98,6 +101,7 @@ configs = st.fixed_dictionaries(
             [(0.5,), (0.2, 0.6, 0.9), (0.99,), tuple(i / 10 for i in range(1, 11))]
         ),
         "max_experts": st.sampled_from([None, 3]),
+        "candidates": st.sampled_from([None, None, 2, 3]),
         "scaling": st.sampled_from([1.0, 2.5]),
         "seed": st.integers(0, 10_000),
         "n": st.integers(1, 9),
@@ -113,6 +117,7 @@ def test_every_rule_matches_the_loop_oracle(c):
     router = ScoredRouter(
         16, 8, score=c["score"], selection=c["selection"], k=c["k"], threshold=c["threshold"],
         entropy_cutoffs=c["cutoffs"], max_experts=c["max_experts"], normalize=c["normalize"],
+        candidates=c["candidates"],
         scaling=c["scaling"], num_groups=groups, topk_groups=topk_groups, selection_bias=c["bias"],
         init_std=0.5,
     )  # fmt: skip
@@ -256,3 +261,17 @@ def test_threshold_probe_and_full_sort_give_the_same_pairs():
         router.weight.mul_(0.01)  # flat: t = 0.6 needs most of the 16 experts
     assert ranked_width() == 16 and router(x).experts_per_token > 8
     check_against_oracle(router, x)
+
+
+def test_threshold_within_the_top_k_by_hand():
+    router = ScoredRouter(2, 4, selection="threshold", threshold=0.6, candidates=2)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 0], [0.5, 0], [0, 0], [0, 0]]))
+    # token 0 = (0, 0): uniform, top-2 shares 0.5 / 0.5 -> both kept (0.5 < 0.6)
+    # token 1 = (3, 0): logits (3, 1.5, 0, 0), top-2 shares 0.82 / 0.18 -> one kept
+    r = router(torch.tensor([[0.0, 0.0], [3.0, 0.0]]))
+    assert (r.token_idx == 0).sum() == 2 and (r.token_idx == 1).sum() == 1
+    assert set(r.expert_idx[r.token_idx == 0].tolist()) <= {0, 1, 2, 3}
+    assert int(r.expert_idx[r.token_idx == 1]) == 0
+    p = torch.softmax(torch.tensor([3.0, 1.5, 0, 0]), 0)
+    assert float(r.weight[r.token_idx == 1].detach()) == pytest.approx(float(p[0]))

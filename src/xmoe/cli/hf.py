@@ -77,6 +77,12 @@ def add_parser(sub) -> None:
         help="with --flop-fraction / --target-experts: fit the entropy-k rule instead of t",
     )
     e.add_argument(
+        "--candidates",
+        type=int,
+        help="threshold among the top-c experts only, shares renormalised (c = native k: "
+        "a threshold within the model's top-k)",
+    )
+    e.add_argument(
         "--global-t",
         action="store_true",
         help="with --flop-fraction / --target-experts: one t for all layers (their mean)",
@@ -104,6 +110,11 @@ def add_parser(sub) -> None:
     s.add_argument("--no-entropy", action="store_true", help="skip the entropy-k baseline")
     s.add_argument(
         "--no-capped", action="store_true", help="skip the budgets capped at the native k"
+    )
+    s.add_argument(
+        "--no-within-topk",
+        action="store_true",
+        help="skip the budgets met by a threshold within the native top-k",
     )
     s.add_argument(
         "--no-global", action="store_true", help="skip the budgets met by one t for all layers"
@@ -145,7 +156,12 @@ def _eval(args) -> int:
     cap = args.max_experts
     if args.threshold is not None:
         ts = _floats(args.threshold)
-        point = Point("threshold", threshold=ts[0] if len(ts) == 1 else ts, max_experts=cap)
+        point = Point(
+            "threshold",
+            threshold=ts[0] if len(ts) == 1 else ts,
+            max_experts=cap,
+            candidates=args.candidates,
+        )
     elif args.topk is not None:
         point = Point("topk", k=args.topk)
     elif args.flop_fraction is not None or args.target_experts is not None:
@@ -155,6 +171,7 @@ def _eval(args) -> int:
             flop_fraction=args.flop_fraction,
             target=args.target_experts,
             max_experts=cap if rule == "budget" else None,
+            candidates=args.candidates if rule == "budget" else None,
             per_layer=not args.global_t,
         )
     else:
@@ -204,6 +221,7 @@ def _sweep(args) -> int:
         entropy=not args.no_entropy,
         capped=not args.no_capped,
         global_t=not args.no_global,
+        within_topk=not args.no_within_topk,
         timing=not args.no_time,
         timing_fraction=args.time_fraction,
         repeats=args.repeats,

@@ -54,6 +54,7 @@ def set_routing(
     k: int | Sequence[int] | None = None,
     entropy_cutoffs: Sequence[float] | Sequence[Sequence[float]] | None = None,
     max_experts: int | None = None,
+    candidates: int | None = None,
     normalize: bool | None = None,
 ) -> None:
     """Set the selection rule of every MoE block of a patched model.
@@ -64,6 +65,9 @@ def set_routing(
         k: experts per token, one or one per layer (``topk``; default: the native k).
         entropy_cutoffs: ascending cut-offs in (0, 1], or one such list per layer (``entropy_k``).
         max_experts: cap on experts per token (``threshold``, ``entropy_k``).
+        candidates: choose among the top ``candidates`` experts only, their share
+            renormalised (``threshold``, ``entropy_k``); the native k gives a threshold within
+            the model's own top-k.
         normalize: renormalise the kept weights; default: the family's own setting.
 
     The score function, selection bias, groups and scaling stay the family's.
@@ -78,6 +82,8 @@ def set_routing(
     common: dict = {"selection": rule}
     if max_experts is not None:
         common["max_experts"] = max_experts
+    if candidates is not None:
+        common["candidates"] = candidates
     if normalize is not None:
         common["normalize"] = normalize
     per: list[dict] = [dict(common) for _ in blocks]
@@ -169,6 +175,7 @@ def fit_budget(
     rule: str = "threshold",
     max_k: int | None = None,
     max_experts: int | None = None,
+    candidates: int | None = None,
     per_layer: bool = True,
     tolerance: float = 0.01,
 ) -> list[dict]:
@@ -185,6 +192,8 @@ def fit_budget(
         max_k: largest k of ``entropy_k``. Default: the native k (2 for top-2: one cut-off).
         max_experts: cap on the experts per token of the ``threshold`` rule (e.g. the native k,
             so no token uses more experts than the model was trained with). Default: none.
+        candidates: the ``threshold`` rule chooses among the top ``candidates`` experts, their
+            share renormalised (the native k: a threshold within the model's top-k).
         per_layer: fit each layer to its own target (default), or one t (one cut-off) for
             all layers so that their *mean* reaches the mean target: the rule then spends more
             experts in the layers whose routers are less sure.
@@ -218,7 +227,12 @@ def fit_budget(
         """Block ``b``'s rule at parameter ``u`` (the rate grows with ``u``): t itself, or
         ``1 - c`` for the entropy cut-off ``c``."""
         if rule == "threshold":
-            return {"selection": "threshold", "threshold": u, "max_experts": max_experts}
+            return {
+                "selection": "threshold",
+                "threshold": u,
+                "max_experts": max_experts,
+                "candidates": candidates,
+            }
         return {"selection": "entropy_k", "entropy_cutoffs": _cutoffs(1 - u, kmax[b])}
 
     def rate(pairs, u: float) -> float:

@@ -40,6 +40,7 @@ class Point:
     target: float | None = None
     max_experts: int | None = None  # cap of threshold / budget (e.g. the native k)
     per_layer: bool = True  # budget / entropy_k: one fit per layer, or one for all layers
+    candidates: int | None = None  # threshold / budget among the top-c experts (c = native k)
 
     def __post_init__(self) -> None:
         check_choice("rule", self.rule, POINT_RULES)
@@ -47,6 +48,7 @@ class Point:
     @property
     def label(self) -> str:
         cap = "" if self.max_experts is None else f" (<= {self.max_experts})"
+        cap += "" if self.candidates is None else f" in top-{self.candidates}"
         cap += "" if self.per_layer else " global"
         if self.rule == "threshold":
             t = self.threshold
@@ -125,7 +127,11 @@ class Session:
             set_routing(self.model, "topk", k=point.k)
         elif point.rule == "threshold":
             set_routing(
-                self.model, "threshold", threshold=point.threshold, max_experts=point.max_experts
+                self.model,
+                "threshold",
+                threshold=point.threshold,
+                max_experts=point.max_experts,
+                candidates=point.candidates,
             )
         else:
             rule = "threshold" if point.rule == "budget" else "entropy_k"
@@ -137,6 +143,7 @@ class Session:
                 flop_fraction=point.flop_fraction,
                 rule=rule,
                 max_experts=point.max_experts if rule == "threshold" else None,
+                candidates=point.candidates if rule == "threshold" else None,
                 per_layer=point.per_layer,
             )
             return {"fitted": fitted}

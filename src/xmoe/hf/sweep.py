@@ -25,6 +25,7 @@ class SweepConfig:
     entropy: bool = True  # the entropy-k baseline at each budget
     capped: bool = True  # also each budget with the threshold capped at the native k
     global_t: bool = True  # also each budget met by one t for all layers (their mean)
+    within_topk: bool = True  # also each budget with the threshold within the native top-k
     timing: bool = True
     timing_fraction: float = 0.75  # budget timed against native and HF
     repeats: int = 5
@@ -43,6 +44,9 @@ def sweep_points(cfg: SweepConfig, has_section: bool, native_k: int) -> list[Poi
             points.append(Point("budget", flop_fraction=f, max_experts=native_k))
         if cfg.global_t:
             points.append(Point("budget", flop_fraction=f, per_layer=False))
+        if cfg.within_topk:
+            points.append(Point("budget", flop_fraction=f, candidates=native_k))
+            points.append(Point("budget", flop_fraction=f, candidates=native_k, per_layer=False))
         if cfg.entropy:
             points.append(Point("entropy_k", flop_fraction=f))
     return points
@@ -65,6 +69,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         row["series"] = (
             point.rule
             + (" capped" if point.max_experts is not None else "")
+            + (" top-k" if point.candidates is not None else "")
             + ("" if point.per_layer else " global")
         )
         rows.append(row)
@@ -167,6 +172,8 @@ def plot_sweep(result: dict, path: Path) -> None:
         "budget": ("D", "tab:green", "threshold, per-layer budget"),
         "budget capped": ("v", "tab:olive", "threshold, per-layer budget, <= native k"),
         "budget global": ("X", "tab:cyan", "threshold, one t for all layers at the budget"),
+        "budget top-k": ("p", "tab:orange", "threshold within native top-k, per-layer budget"),
+        "budget top-k global": ("h", "tab:brown", "threshold within native top-k, one t"),
         "entropy_k": ("^", "tab:red", "entropy-k (same budget)"),
     }
     for rule, (marker, color, label) in styles.items():

@@ -53,6 +53,10 @@ class ScoredRouter(LinearRouter):
         k: experts per token of ``topk``, in [1, E]. Default 2.
         threshold: t of ``threshold``, in (0, 1]. Default 0.9 (the XMoE paper's setting).
         max_experts: optional cap on the experts per token of ``threshold`` and ``entropy_k``.
+        candidates: ``threshold`` and ``entropy_k`` choose among the top ``candidates``
+            experts (by selection score) only, and the share is normalised over them. With the
+            native k this is a threshold *within* the family's top-k: keep the smallest prefix
+            of the top-k whose renormalised mass reaches t. Default None: all eligible experts.
         entropy_cutoffs: ascending cut-offs in (0, 1] on the normalised entropy for
             ``entropy_k``; ``len + 1`` is its largest k. Default (0.5,): k in {1, 2}.
         normalize: divide the kept weights by their sum (Mixtral; ``norm_topk_prob``).
@@ -81,6 +85,7 @@ class ScoredRouter(LinearRouter):
         k: int = 2,
         threshold: float = 0.9,
         max_experts: int | None = None,
+        candidates: int | None = None,
         entropy_cutoffs: tuple[float, ...] | list[float] = (0.5,),
         normalize: bool = False,
         scaling: float = 1.0,
@@ -98,6 +103,8 @@ class ScoredRouter(LinearRouter):
         check_range("threshold", threshold, 0, 1, low_open=True)
         if max_experts is not None:
             check_int("max_experts", max_experts, 1, num_experts)
+        if candidates is not None:
+            check_int("candidates", candidates, 1, num_experts)
         cutoffs = tuple(entropy_cutoffs)
         for c in cutoffs:
             check_range("entropy_cutoffs", c, 0, 1, low_open=True)
@@ -122,6 +129,7 @@ class ScoredRouter(LinearRouter):
             )
         self.score, self.selection = score, selection
         self.k, self.threshold, self.max_experts = k, float(threshold), max_experts
+        self.candidates = candidates
         self.entropy_cutoffs = cutoffs
         self.normalize, self.scaling = normalize, float(scaling)
         self.num_groups, self.topk_groups = num_groups, topk_groups
@@ -139,6 +147,7 @@ class ScoredRouter(LinearRouter):
             "k": self.k,
             "threshold": self.threshold,
             "max_experts": self.max_experts,
+            "candidates": self.candidates,
             "entropy_cutoffs": self.entropy_cutoffs,
             "normalize": self.normalize,
             "scaling": self.scaling,
@@ -156,7 +165,8 @@ class ScoredRouter(LinearRouter):
         return logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
 
     def selection_scores(self, scores: Tensor) -> Tensor:
-        """``[N, E]`` detached selection scores: biased, with ineligible experts at ``-inf``."""
+        """``[N, E]`` detached selection scores: biased, with ineligible experts (outside the
+        best groups, or beyond the top ``candidates``) at ``-inf``."""
         choice = scores.detach()
         if self.has_bias:
             choice = choice + self.selection_bias.to(choice.dtype)
@@ -168,13 +178,18 @@ class ScoredRouter(LinearRouter):
             allowed = torch.zeros_like(best, dtype=torch.bool).scatter_(1, groups, True)
             allowed = allowed.unsqueeze(-1).expand_as(grouped).reshape(n, e)
             choice = choice.masked_fill(~allowed, -math.inf)
+        if self.candidates is not None and self.selection != "topk":
+            top = choice.topk(self.candidates, dim=-1).indices
+            allowed = torch.zeros_like(choice, dtype=torch.bool).scatter_(1, top, True)
+            choice = choice.masked_fill(~allowed, -math.inf)
         return choice
 
     def share(self, scores: Tensor, choice: Tensor) -> Tensor:
         """``[N, E]`` the selection score as a distribution over the eligible experts.
 
         For plain softmax (no bias, no groups) it is ``scores`` itself."""
-        if self.score == "softmax" and not self.has_bias and self.topk_groups == self.num_groups:
+        plain = not self.has_bias and self.topk_groups == self.num_groups
+        if self.score == "softmax" and plain and self.candidates is None:
             return scores.detach()
         eligible = torch.isfinite(choice)
         mass = torch.where(eligible, choice.clamp_min(0), torch.zeros_like(choice))
@@ -259,7 +274,8 @@ class ScoredRouter(LinearRouter):
     def extra_repr(self) -> str:
         rule = {
             "topk": f"k={self.k}",
-            "threshold": f"threshold={self.threshold}, max_experts={self.max_experts}",
+            "threshold": f"threshold={self.threshold}, max_experts={self.max_experts}, "
+            f"candidates={self.candidates}",
             "entropy_k": f"entropy_cutoffs={list(self.entropy_cutoffs)}",
         }[self.selection]
         return (
