@@ -315,7 +315,7 @@ COLUMNS = [
     ("per_layer", "per MoE layer", "{}"),
     ("load_imbalance", "load imbalance (max/mean)", "{:.2f}"),
     ("train_dropped_fraction", "train drops", "{:.3f}"),
-    ("final_threshold", "final t", "{:.3f}"),
+    ("final_threshold", "final t", "{:.4f}"),
     ("tokens_per_s", "train tokens/s", "{:.0f}"),
     ("note", "note", "{}"),
 ]
