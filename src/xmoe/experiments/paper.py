@@ -1,6 +1,6 @@
 """The XMoE paper's language-modelling comparison at our scale: equal total expert width, seeds.
 
-``xmoe compare --preset paper --seeds 3`` trains every row of :data:`PAPER_ROWS` for each seed
+``xmoe compare --preset paper --seeds 3`` trains every row of :func:`paper_rows` for each seed
 on one base config (``configs/paper.yaml``: a GPT with MoE in every second block), then writes
 ``results.json``, ``results.md`` and ``pareto.png`` (validation perplexity against active MoE
 FLOPs per token, mean ± std over seeds) into the output folder.
@@ -13,7 +13,8 @@ stopped.
 
 ``xmoe compare --preset paper-ablation --seeds 1`` runs :func:`ablation_rows` the same way: one
 seed of XMoE-64 over the choices where the XMoE reference code may differ from xmoe's defaults
-(issue 13, part C), the sparsity regularisers and the budget controller.
+(issue 13, part C), the sparsity regularisers and the budget controller. The recipe it chose
+(:data:`RECIPE`) is the paper grid's second pass (:func:`recipe_rows`).
 """
 
 from __future__ import annotations
