@@ -321,7 +321,7 @@ def _metrics_ok(run: Path, steps: int) -> bool:
     return train_steps == list(range(1, steps + 1)) and len(finals) == 1
 
 
-def probe_kills(work: Path, corpus: Path, targeted: int, random_kills: int, seed: int = 0) -> dict:
+def probe_kills(work: Path, corpus: Path, targeted, random_kills: int, seed: int = 0) -> dict:
     steps = 6
     args = ["train", "--data", str(corpus), "--no-progress"] + sets(
         f"train.steps={steps}", "train.checkpoint_every=2", "train.eval_every=100"
@@ -331,7 +331,7 @@ def probe_kills(work: Path, corpus: Path, targeted: int, random_kills: int, seed
     reference = _weights(ref)
     trials = []
     rng = random.Random(seed)
-    kill_points = list(range(1, targeted + 1))
+    kill_points = list(range(1, targeted + 1)) if isinstance(targeted, int) else list(targeted)
     delays = [rng.uniform(2.0, 6.0) for _ in range(random_kills)]
     for i, point in enumerate([*kill_points, *[None] * random_kills]):
         run = work / f"kill{i}"
@@ -494,6 +494,11 @@ def main() -> int:
         "--targeted-kills", type=int, default=30, help="kills at the first N checkpoint events"
     )
     p.add_argument("--random-kills", type=int, default=10)
+    p.add_argument(
+        "--kill-points",
+        help="instead of --targeted-kills: these events, e.g. 9,11-22 (the "
+        "first save's last rename and every event of the second save)",
+    )
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     work = Path(tempfile.mkdtemp(prefix="xmoe-probe-"))
@@ -507,7 +512,13 @@ def main() -> int:
         report["inputs"] = probe_inputs(work, corpus)
         print("inputs:", json.dumps(report["inputs"]["counts"]), flush=True)
     if "kills" in parts:
-        report["kills"] = probe_kills(work, corpus, args.targeted_kills, args.random_kills)
+        points = args.targeted_kills
+        if args.kill_points:
+            points = []
+            for part in args.kill_points.split(","):
+                lo, _, hi = part.partition("-")
+                points += list(range(int(lo), int(hi or lo) + 1))
+        report["kills"] = probe_kills(work, corpus, points, args.random_kills)
         print("kill -9:", json.dumps(report["kills"]["counts"]), flush=True)
     if "concurrency" in parts:
         report["concurrency"] = probe_concurrency(work, corpus)
