@@ -88,3 +88,20 @@ def test_not_a_translate_run_and_missing_input_are_errors(run, tmp_path, capsys)
     f.write_text("Loue\n")
     assert main(["translate", str(tmp_path / "nothing"), "--input", str(f)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_translate_compare_runs_rows_and_skips_finished_runs_on_rerun(tmp_path, capsys):
+    out = tmp_path / "grid"
+    tiny_corpus(out / "corpus")  # the grid's shared corpus cache, so nothing is aligned here
+    small = [s for s in SETS if not s.startswith(("train.steps", "model.moe"))]
+    args = ["translate-compare", "--seeds", "1", "--rows", "dense,xmoe16", "--steps", "6"]
+    args += ["--out", str(out), "--no-progress"]
+    for s in [*small, "model.moe.d_expert=16"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    table = (out / "results.md").read_text()
+    assert "| dense |" in table and "| xmoe16 |" in table and "| copy |" in table
+    summary = out / "runs" / "dense-s0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    assert main(args) == 0  # resumable: finished runs are skipped
+    assert summary.stat().st_mtime_ns == before
