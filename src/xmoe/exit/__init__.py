@@ -6,6 +6,8 @@
 - :mod:`.bank`: JEI-DNN members for several cost trade-offs plus a baseline, trained together
 - :mod:`.policies`: exit rules at test time; :mod:`.metrics`: accuracy, ECE, conformal sets
 - :mod:`.cost`: layers and FLOPs of leaving at each exit
+- :mod:`.minilm`: the frozen MiniLM's cached per-layer features (the exit task's data)
+- :mod:`.report`: every policy on a test split, tables and plots (`xmoe exit-eval`)
 
 docs/early-exit.md describes the method and the choices made where the paper leaves room.
 """
