@@ -332,7 +332,7 @@ def probe_kills(work: Path, corpus: Path, targeted, random_kills: int, seed: int
     trials = []
     rng = random.Random(seed)
     kill_points = list(range(1, targeted + 1)) if isinstance(targeted, int) else list(targeted)
-    delays = [rng.uniform(2.0, 6.0) for _ in range(random_kills)]
+    delays = [rng.uniform(2.5, 8.0) for _ in range(random_kills)]
     for i, point in enumerate([*kill_points, *[None] * random_kills]):
         run = work / f"kill{i}"
         argv = args[:1] + ["--run-dir", str(run)] + args[1:]
@@ -359,7 +359,7 @@ def probe_kills(work: Path, corpus: Path, targeted, random_kills: int, seed: int
         if resume.returncode == 0:
             lost = not (_same_weights(_weights(run), reference) and _metrics_ok(run, steps))
             outcome = "resumed bit-identical" if not lost else "resumed but differs"
-        elif not had_checkpoint and "no checkpoint" in err:
+        elif not had_checkpoint and ("no checkpoint" in err or "no config.yaml" in err):
             # killed before its first checkpoint: nothing was saved; --overwrite starts over
             again = _xmoe(argv[:1] + ["--overwrite"] + argv[1:], stderr=subprocess.DEVNULL)
             again.wait()
@@ -513,9 +513,9 @@ def main() -> int:
         print("inputs:", json.dumps(report["inputs"]["counts"]), flush=True)
     if "kills" in parts:
         points = args.targeted_kills
-        if args.kill_points:
+        if args.kill_points is not None:
             points = []
-            for part in args.kill_points.split(","):
+            for part in filter(None, args.kill_points.split(",")):
                 lo, _, hi = part.partition("-")
                 points += list(range(int(lo), int(hi or lo) + 1))
         report["kills"] = probe_kills(work, corpus, points, args.random_kills)
