@@ -81,7 +81,10 @@ def train_command(args) -> int:
         if args.config:
             raise ValueError("--resume uses the run's saved config.yaml; drop --config")
         if not run.config_path.exists():
-            raise ValueError(f"--resume: no config.yaml in run dir {str(run.path)!r}")
+            raise ValueError(
+                f"--resume: no config.yaml in run dir {str(run.path)!r} (no run started there); "
+                "train without --resume, or with --overwrite"
+            )
         cfg = run.load_config(overrides)
     else:
         cfg = load_config(args.config, overrides)
