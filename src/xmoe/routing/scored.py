@@ -165,8 +165,8 @@ class ScoredRouter(LinearRouter):
         return logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
 
     def selection_scores(self, scores: Tensor) -> Tensor:
-        """``[N, E]`` detached selection scores: biased, with ineligible experts (outside the
-        best groups, or beyond the top ``candidates``) at ``-inf``."""
+        """``[N, E]`` detached selection scores: biased, with the experts outside the best
+        groups at ``-inf``."""
         choice = scores.detach()
         if self.has_bias:
             choice = choice + self.selection_bias.to(choice.dtype)
@@ -178,10 +178,6 @@ class ScoredRouter(LinearRouter):
             allowed = torch.zeros_like(best, dtype=torch.bool).scatter_(1, groups, True)
             allowed = allowed.unsqueeze(-1).expand_as(grouped).reshape(n, e)
             choice = choice.masked_fill(~allowed, -math.inf)
-        if self.candidates is not None and self.selection != "topk":
-            top = choice.topk(self.candidates, dim=-1).indices
-            allowed = torch.zeros_like(choice, dtype=torch.bool).scatter_(1, top, True)
-            choice = choice.masked_fill(~allowed, -math.inf)
         return choice
 
     def share(self, scores: Tensor, choice: Tensor) -> Tensor:
@@ -189,7 +185,7 @@ class ScoredRouter(LinearRouter):
 
         For plain softmax (no bias, no groups) it is ``scores`` itself."""
         plain = not self.has_bias and self.topk_groups == self.num_groups
-        if self.score == "softmax" and plain and self.candidates is None:
+        if self.score == "softmax" and plain:
             return scores.detach()
         eligible = torch.isfinite(choice)
         mass = torch.where(eligible, choice.clamp_min(0), torch.zeros_like(choice))
@@ -210,6 +206,8 @@ class ScoredRouter(LinearRouter):
     def select(self, scores: Tensor) -> Routing:
         """``scores: [N, E]`` fp32 family scores → the kept pairs (token-major, rank-minor)."""
         choice = self.selection_scores(scores)
+        if self.candidates is not None and self.selection != "topk":
+            return self._select_candidates(scores, choice)
         if self.selection == "topk":
             order = choice.topk(self.k, dim=-1, sorted=True).indices
             keep = torch.ones_like(order, dtype=torch.bool)
@@ -224,6 +222,28 @@ class ScoredRouter(LinearRouter):
                 order = choice.topk(width, dim=-1, sorted=True).indices
                 keep = torch.arange(width, device=k.device).unsqueeze(0) < k.unsqueeze(-1)
             keep = keep & torch.isfinite(choice.gather(1, order))
+        return self._pairs(scores, order, keep)
+
+    def _select_candidates(self, scores: Tensor, choice: Tensor) -> Routing:
+        """``threshold`` / ``entropy_k`` among the top ``candidates`` only: every step works
+        on ``[N, candidates]`` (the share is renormalised over them)."""
+        order = choice.topk(self.candidates, dim=-1, sorted=True).indices
+        ranked_choice = choice.gather(1, order)
+        eligible = torch.isfinite(ranked_choice)
+        mass = torch.where(eligible, ranked_choice.clamp_min(0), torch.zeros_like(ranked_choice))
+        total = mass.sum(-1, keepdim=True)
+        mass = torch.where(total > 0, mass, eligible.to(mass.dtype))  # all <= 0: uniform
+        share = mass / mass.sum(-1, keepdim=True)
+        if self.selection == "threshold":
+            keep = threshold_keep(share, self.threshold, self.max_experts)
+        else:
+            k = self.token_k(share, eligible)
+            ranks = torch.arange(order.shape[1], device=k.device)
+            keep = ranks.unsqueeze(0) < k.unsqueeze(-1)
+        return self._pairs(scores, order, keep & eligible)
+
+    def _pairs(self, scores: Tensor, order: Tensor, keep: Tensor) -> Routing:
+        """Kept pairs with the family's combine weights (normalised, scaled)."""
         ranked = scores.gather(1, order)
         weights = ranked
         if self.normalize:
