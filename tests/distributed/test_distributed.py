@@ -319,14 +319,14 @@ def _train_worker(rank: int, port: int, root: str) -> None:
         return load_config(None, [*_sets(root, steps), f"parallel.expert_parallel={p}"])
 
     # EP=2, 6 steps: compared with the single-process 6-step run.
-    train(cfg(STEPS, 2), root / "ep2", overwrite=True, progress=False, parallel=ctx)
+    train(cfg(STEPS, 2), root / "ep2", progress=False, parallel=ctx)
     # EP=2, 3 steps: the parent resumes it with one process (P=2 -> P=1).
-    train(cfg(HALF, 2), root / "ep2_half", overwrite=True, progress=False, parallel=ctx)
+    train(cfg(HALF, 2), root / "ep2_half", progress=False, parallel=ctx)
     # Resume the single-process 3-step run with EP=2 (P=1 -> P=2).
     train(cfg(STEPS, 2), root / "single_half", resume=True, progress=False, parallel=ctx)
     # Pure data parallelism (2 ranks, every rank holds all experts), 3 steps.
     dp = make_context(1)
-    train(cfg(HALF, 1), root / "dp2", overwrite=True, progress=False, parallel=dp)
+    train(cfg(HALF, 1), root / "dp2", progress=False, parallel=dp)
     dist.destroy_process_group()
 
 
@@ -344,13 +344,8 @@ def _make_runs(root: Path, corpus: str) -> Path:
     """Single-process runs here, 2-rank runs in the workers, then a 1-process resume."""
     shutil.copy(corpus, root / "corpus.txt")
     train(load_config(None, _sets(root, STEPS)), root / "single", progress=False)
-    shutil.copytree(root / "single" / "data", root / "single_half" / "data")
-    train(
-        load_config(None, _sets(root, HALF)), root / "single_half", progress=False, overwrite=True
-    )
-    # Share the tokenizer / token cache (overwrite=True keeps a run dir's data/).
-    for name in ("ep2", "ep2_half", "dp2"):
-        shutil.copytree(root / "single" / "data", root / name / "data")
+    # Every run fits its own tokenizer on the same corpus (deterministic, so the same tokens).
+    train(load_config(None, _sets(root, HALF)), root / "single_half", progress=False)
     _spawn(_train_worker, str(root))
     resumed = load_config(root / "ep2_half" / "config.yaml", ["parallel.expert_parallel=1"])
     resumed.train.steps = STEPS
@@ -423,12 +418,11 @@ def _four_rank_worker(rank: int, port: int, root: str) -> None:
     ctx = make_context(2)
     assert ctx.data_parallel == 2 and ctx.expert_dp_group is not None
     cfg = load_config(None, [*_sets(Path(root), HALF), "parallel.expert_parallel=2"])
-    train(cfg, Path(root) / "ep2_dp2", overwrite=True, progress=False, parallel=ctx)
+    train(cfg, Path(root) / "ep2_dp2", progress=False, parallel=ctx)
     dist.destroy_process_group()
 
 
 def test_four_ranks_expert_parallel_2_with_replicated_experts_match_single_process(runs):
-    shutil.copytree(runs / "single" / "data", runs / "ep2_dp2" / "data")
     _spawn(_four_rank_worker, str(runs), nprocs=4)
     single, four = _losses(runs / "single")[:HALF], _losses(runs / "ep2_dp2")
     assert max(abs(a - b) for a, b in zip(single, four, strict=True)) < LOSS_TOL, (single, four)
@@ -465,7 +459,6 @@ def _cli_worker(rank: int, port: int, root: str, out: str, port2: int) -> None:
 
 
 def test_torchrun_style_launch_through_the_cli(runs, tmp_path, capfd):
-    shutil.copytree(runs / "single" / "data", runs / "cli_ep2" / "data")
     _spawn(_cli_worker, str(runs), str(tmp_path), free_local_port())
     for rank in range(WORLD):
         first, initialised_after, second = json.loads((tmp_path / f"cli{rank}.json").read_text())

@@ -72,13 +72,16 @@ def consolidated_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimi
     sd = optimizer.state_dict()
     layers = _param_layers(model, optimizer)
     state = {}
-    for pid, pstate in sd["state"].items():
+    # Every rank gathers in the same order: sorted ids, not the state's insertion order
+    # (a restored optimizer holds its state in the order the checkpoint listed it).
+    for pid in sorted(sd["state"]):
+        pstate = sd["state"][pid]
         layer = layers.get(pid)
         state[pid] = {
-            key: gather_experts(v, layer[0])
-            if layer is not None and torch.is_tensor(v) and v.shape == layer[1]
-            else v
-            for key, v in pstate.items()
+            key: gather_experts(pstate[key], layer[0])
+            if layer is not None and torch.is_tensor(pstate[key]) and pstate[key].shape == layer[1]
+            else pstate[key]
+            for key in sorted(pstate)
         }
     return {"state": state, "param_groups": sd["param_groups"]}
 
