@@ -102,9 +102,20 @@ def summary_lines(summary: dict, run_dir: Path) -> str:
         f"run: {run_dir}",
         f"  steps            {summary['steps']}  ({summary['tokens_seen']:,} tokens, "
         f"{summary['train_time_s']:.0f}s, {summary['train_tokens_per_s']:.0f} tok/s)",
-        f"  val_ppl          {summary['val_ppl']:.2f}   (val_loss {summary['val_loss']:.4f}; "
-        f"unigram baseline ppl {summary['unigram_ppl']:.1f})",
     ]
+    if summary.get("task", "lm") == "lm":
+        lines.append(
+            f"  val_ppl          {summary['val_ppl']:.2f}   (val_loss {summary['val_loss']:.4f}; "
+            f"unigram baseline ppl {summary['unigram_ppl']:.1f})"
+        )
+    else:  # another task: its own validation figures (val_* / test_* numbers)
+        figures = {
+            k: v
+            for k, v in summary.items()
+            if k.startswith(("val_", "test_")) and isinstance(v, int | float)
+        }
+        lines.append(f"  task             {summary['task']}")
+        lines += [f"  {k:<16} {v:.4f}" for k, v in figures.items()]
     if ept:
         lines += [
             f"  experts/token    {summary['experts_per_token']:.2f} mean; per MoE layer: "

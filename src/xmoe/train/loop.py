@@ -238,6 +238,7 @@ def _train_locked(
         summary = task.summary(model, state, final)
         summary.update(world.summary(model))
         summary["precision"] = resolve_precision(t.precision)
+        summary["task"] = cfg.task
         run.write_summary(summary)
     if tb is not None:
         tb.close()
