@@ -13,19 +13,18 @@ import copy
 import dataclasses
 import math
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .._checks import check_bool, check_choice, check_int, check_positive, check_range, is_number
+from .._checks import check_bool, check_choice, check_int, check_positive, check_range
 from .._io import atomic_write
 from ..models.gpt import GPTConfig
 from .model_checks import validate_model
 from .precision import PRECISIONS
+from .typed import from_dict
 
 # A layer of overrides: dotted keys -> Python values, or the CLI's "key=value" strings.
 Overrides = Mapping[str, object] | Sequence[str]
@@ -152,68 +151,6 @@ class RunConfig:
 
     def save(self, path: Path) -> None:
         atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by their full path."""
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix or '<root>'!r} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in fields:
-            raise ValueError(f"unknown config key {path!r}; accepted: {sorted(fields)}")
-        kwargs[key] = _value(path, hints[key], value)
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and name not in kwargs:
-            raise ValueError(f"config key {prefix + name!r} is required")
-    return cls(**kwargs)
-
-
-def _value(path: str, hint, value):
-    """``value`` as the field type ``hint``: a sub-config (a dataclass, or an optional one where
-    None and ``{}`` mean off) or a checked scalar."""
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value or {}, prefix=f"{path}.")
-    sub = _optional_dataclass(hint)
-    if sub is not None:
-        if value is None or value == {}:
-            return None
-        if isinstance(value, sub):
-            return value
-        return from_dict(sub, value, prefix=f"{path}.")
-    return _coerce(path, hint, value)
-
-
-def _optional_dataclass(hint) -> type | None:
-    """``X`` for a hint ``X | None`` where X is a dataclass, else None."""
-    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
-        return None
-    inner = [a for a in typing.get_args(hint) if a is not type(None)]
-    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
-
-
-def _coerce(path: str, hint, value):
-    """Light type check/coercion for scalar config values (ints accepted where floats are)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(path, inner[0], value) if len(inner) == 1 else value
-    if hint is float and is_number(value):
-        return float(value)
-    if hint in (int, float, str, bool) and not (
-        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    ):
-        raise ValueError(f"config key {path!r} must be {hint.__name__}, got {value!r}")
-    if (hint is dict or origin is dict) and not isinstance(value, dict):
-        raise ValueError(f"config key {path!r} must be a mapping, got {value!r}")
-    return value
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:

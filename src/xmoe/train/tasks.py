@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from .typed import from_dict
+
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .config import RunConfig  # annotations only (no import at run time)
     from .task import Task
 
 # name -> "module:Class" (module relative to the xmoe package)
@@ -37,8 +39,6 @@ def task_class(name: str) -> type:
 
 def task_options(cfg: RunConfig):
     """``cfg.task_options`` parsed as the task's ``Options`` dataclass (None if it has none)."""
-    from .config import from_dict
-
     cls = task_class(cfg.task)
     options = getattr(cls, "Options", None)
     if options is None:
