@@ -157,7 +157,7 @@ def test_preset_rows_names_the_accepted_presets():
 
 
 def test_run_record_reads_drops_and_the_final_threshold_of_the_last_train_line(tmp_path):
-    from xmoe.experiments.paper import run_record
+    from xmoe.experiments.grid import run_record
 
     lines = [
         {"split": "train", "step": 10, "dropped_fraction": [0.5, 0.5], "threshold": [0.1, 0.1]},
@@ -177,7 +177,8 @@ def test_run_record_reads_drops_and_the_final_threshold_of_the_last_train_line(t
 
 def test_recipe_rows_hold_top2_flops_and_the_plot_marks_their_group(tmp_path):
     pytest.importorskip("matplotlib")
-    from xmoe.experiments.paper import RECIPE, plot_pareto, recipe_rows
+    from xmoe.experiments.grid import plot_pareto
+    from xmoe.experiments.paper import RECIPE, recipe_rows
 
     (row,) = recipe_rows(512)
     o = row.overrides

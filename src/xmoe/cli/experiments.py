@@ -80,7 +80,8 @@ def compare_command(args) -> int:
 
 def _preset_command(args) -> int:
     """``xmoe compare --preset paper --seeds 3``: the resumable paper grid."""
-    from ..experiments.paper import PAPER_CONFIG, aggregate, preset_rows, run_grid
+    from ..experiments.grid import aggregate, run_grid
+    from ..experiments.paper import PAPER_CONFIG, preset_rows
     from ..train.config import load_config, parse_overrides
 
     if args.seeds < 1:
