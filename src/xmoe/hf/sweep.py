@@ -85,8 +85,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     if cfg.timing:
         f = cfg.timing_fraction
         timed = {"native": Point("native"), f"budget {f:.0%}": Point("budget", flop_fraction=f)}
+        if cfg.within_topk and cfg.global_t:
+            timed[f"budget {f:.0%} top-k global"] = Point(
+                "budget", flop_fraction=f, candidates=native_k, per_layer=False
+            )
         if cfg.entropy:
             timed[f"entropy_k {f:.0%}"] = Point("entropy_k", flop_fraction=f)
+        timed |= {f"topk k={k}": Point("topk", k=k) for k in cfg.topk if k != native_k}
         timing = session.timing(timed, repeats=cfg.repeats)
         for name, sec in timing.items():
             log(f"forward {name:>22}: {sec * 1e3:.1f} ms")
