@@ -32,24 +32,43 @@ def tiny_config(family: str, **overrides):
         return T.OlmoeConfig(**{**BASE, **kw, **overrides})
     if family == "qwen2_moe":
         kw = dict(
-            intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-            num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-        )  # fmt: skip
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        )
         return T.Qwen2MoeConfig(**{**BASE, **kw, **overrides})
     if family == "qwen3_moe":
         kw = dict(
-            intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-            norm_topk_prob=True, head_dim=8,
-        )  # fmt: skip
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=8,
+        )
         return T.Qwen3MoeConfig(**{**BASE, **kw, **overrides})
     if family == "deepseek_v3":
         kw = dict(
-            num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
-            n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-            n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
-            norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8,
-        )  # fmt: skip
+            num_key_value_heads=4,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
         return T.DeepseekV3Config(**{**BASE, **kw, **overrides})
     raise ValueError(family)
 
@@ -89,3 +108,30 @@ def save_with_tokenizer(family: str, path, **overrides):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model
+
+
+def qwen_gpt_config(router: str = "topk", options: dict | None = None, **overrides):
+    """A tiny qwen3_moe xmoe GPTConfig: 3 layers (every 2nd an MoE of 4 SwiGLU experts), d 16."""
+    from xmoe.models import GPTConfig, MoEConfig
+
+    moe = MoEConfig(
+        num_experts=4,
+        d_expert=8,
+        router=router,
+        router_options={"k": 2} if options is None else options,
+        activation="swiglu",
+        bias=False,
+    )
+    kw = dict(vocab_size=300, block_size=16, n_layer=3, n_head=2, d_model=16, d_ff=24, moe=moe)
+    kw |= dict(arch="qwen3_moe", activation="swiglu", moe_every=2)
+    return GPTConfig(**{**kw, **overrides})
+
+
+def threshold_qwen_gpt(vocab_size: int, threshold: float):
+    """A 2-layer qwen3_moe GPT, both blocks MoE with a threshold router, seed 0, eval mode."""
+    from xmoe.models import GPT
+
+    options = {"threshold": threshold, "init_std": 0.5}
+    cfg = qwen_gpt_config("threshold", options, vocab_size=vocab_size, n_layer=2, moe_every=1)
+    torch.manual_seed(0)
+    return GPT(cfg).eval()

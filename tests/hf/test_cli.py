@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hf_moe_tiny import save_with_tokenizer, tiny_model, token_batch
+from hf_moe_tiny import save_with_tokenizer, threshold_qwen_gpt, tiny_model, token_batch
 
 import xmoe.hf as xh
 from xmoe.cli.main import main
@@ -98,14 +98,8 @@ def test_bad_inputs_are_clear_errors(model_dir, tmp_path, capsys):
 def test_hf_sweep_of_a_threshold_export_has_the_restored_row(tmp_path):
     from xmoe.data.tokenizer import train_tokenizer
     from xmoe.hf.export import export_model
-    from xmoe.models import GPT, GPTConfig, MoEConfig
 
-    moe = MoEConfig(num_experts=4, d_expert=8, router="threshold", activation="swiglu",
-                    bias=False, router_options={"threshold": 0.5, "init_std": 0.5})  # fmt: skip
-    cfg = GPTConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=24,
-                    moe=moe, arch="qwen3_moe", activation="swiglu", moe_every=1)  # fmt: skip
-    torch.manual_seed(0)
-    out = export_model(GPT(cfg).eval(), tmp_path / "hf", train_tokenizer(["a"], 257))
+    out = export_model(threshold_qwen_gpt(257, 0.5), tmp_path / "hf", train_tokenizer(["a"], 257))
     skip = ["--no-time", "--no-capped", "--no-global", "--no-entropy", "--no-within-topk"]
     args = ["hf-sweep", str(out), "--thresholds", "0.5", "--flop-fractions", "0.5", *skip,
             *SMALL, "--out", str(tmp_path / "s")]  # fmt: skip

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from hf_moe_tiny import qwen_gpt_config
 from tokenizers import Tokenizer
 
 from xmoe.data.tokenizer import EOS, train_tokenizer
@@ -29,29 +30,9 @@ VOCAB = 300
 
 def qwen_gpt(router="topk", options=None, *, seed=0, **overrides) -> GPT:
     """A tiny qwen3_moe GPT with weights scaled up so logits are O(1) and routing is decisive."""
-    moe = MoEConfig(
-        num_experts=4,
-        d_expert=8,
-        router=router,
-        router_options={"k": 2} if options is None else options,
-        activation="swiglu",
-        bias=False,
-    )
-    kw = dict(
-        vocab_size=VOCAB,
-        block_size=16,
-        n_layer=3,
-        n_head=2,
-        d_model=16,
-        d_ff=24,
-        moe=moe,
-        arch="qwen3_moe",
-        activation="swiglu",
-        moe_every=2,
-    )
-    kw.update(overrides)
+    cfg = qwen_gpt_config(router, options, **{"vocab_size": VOCAB, **overrides})
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**kw)).eval()
+    model = GPT(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or ".ln" in name or name.startswith("ln_f"):

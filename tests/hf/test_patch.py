@@ -99,3 +99,13 @@ def test_copied_contiguous_weights_give_the_same_logits(family):
     assert ex.w1.is_contiguous() and ex.w2.is_contiguous() and ex.w3.is_contiguous()
     assert blocks[0].shared_experts.w1.is_contiguous()
     assert (got - ref).abs().max() < 1e-5
+
+
+def test_patch_does_not_import_the_routing_module():
+    """Imports run downward: patch -> restore -> block, never back up to hf.routing."""
+    import subprocess
+    import sys
+
+    code = "import sys, xmoe.hf.patch; print('xmoe.hf.routing' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_moe_tiny import FAMILIES, tiny_model, token_batch, transformers
+from hf_moe_tiny import FAMILIES, threshold_qwen_gpt, tiny_model, token_batch, transformers
 
 import xmoe.hf as xh
 from xmoe.routing import make_router
+
+
+def sharing_router(block, name: str, **options):
+    """An xmoe router ``name`` on ``block``'s own router weight (the tensor shared)."""
+    router = make_router(name, block.d_model, block.num_experts, **options)
+    router.weight = block.router.weight
+    return router
 
 
 def rates(model):
@@ -96,12 +103,7 @@ def test_replace_router_with_another_xmoe_router_and_restore():
         ref = model(input_ids=ids).logits
     xh.patch(model)
 
-    def factory(block):
-        r = make_router("threshold", block.d_model, block.num_experts, threshold=0.7)
-        r.weight = block.router.weight
-        return r
-
-    xh.replace_router(model, factory)
+    xh.replace_router(model, lambda b: sharing_router(b, "threshold", threshold=0.7))
     with torch.no_grad():
         a = model(input_ids=ids).logits
         xh.set_routing(model, "threshold", threshold=0.7, normalize=False)
@@ -120,12 +122,7 @@ def test_native_restores_deepseek_bias_after_a_router_without_one():
         ref = model(input_ids=ids).logits
     xh.patch(model)
 
-    def plain(block):
-        r = make_router("topk", block.d_model, block.num_experts, k=2)
-        r.weight = block.router.weight
-        return r
-
-    xh.replace_router(model, plain)
+    xh.replace_router(model, lambda b: sharing_router(b, "topk", k=2))
     xh.set_routing(model, "native")
     with torch.no_grad():
         assert (model(input_ids=ids).logits - ref).abs().max() < 1e-5
@@ -134,14 +131,8 @@ def test_native_restores_deepseek_bias_after_a_router_without_one():
 
 def test_exported_threshold_gpt_comes_back_as_the_scored_threshold_rule(tmp_path):
     from xmoe.hf.export import export_model
-    from xmoe.models import GPT, GPTConfig, MoEConfig
 
-    moe = MoEConfig(num_experts=4, d_expert=8, router="threshold", activation="swiglu",
-                    bias=False, router_options={"threshold": 0.6, "init_std": 0.5})  # fmt: skip
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=24,
-                    moe=moe, arch="qwen3_moe", activation="swiglu", moe_every=1)  # fmt: skip
-    torch.manual_seed(0)
-    gpt = GPT(cfg).eval()
+    gpt = threshold_qwen_gpt(64, 0.6)
     with torch.no_grad():
         for name, p in gpt.named_parameters():
             if "router" not in name and "norm" not in name and ".ln" not in name:

@@ -112,6 +112,19 @@ class HFMoE(MoE):
         return f"family={self.family!r}, layer_index={self.layer_index}, " + super().extra_repr()
 
 
+def moe_blocks(model: nn.Module) -> list[HFMoE]:
+    """The model's :class:`HFMoE` blocks, in layer order."""
+    return [m for m in model.modules() if isinstance(m, HFMoE)]
+
+
+def require_blocks(model: nn.Module) -> list[HFMoE]:
+    """:func:`moe_blocks`, or ``ValueError`` when the model has none (not patched yet)."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("model has no xmoe MoE blocks: call xmoe.hf.patch(model) first")
+    return blocks
+
+
 def _param(t: Tensor, share: bool) -> nn.Parameter:
     """A parameter that is a view of ``t``'s storage (``share``) or a contiguous copy."""
     data = t.detach() if share else t.detach().contiguous().clone()

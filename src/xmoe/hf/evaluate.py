@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..data.corpus import load_documents, split_documents
-from .block import HFMoE
-from .patch import moe_blocks
+from .block import HFMoE, moe_blocks
 
 
 def corpus_split(data: str | Path | None, val_fraction: float = 0.05) -> tuple[str, str]:

@@ -13,12 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .block import FAMILIES, SUPPORTED_MODELS, HFMoE, block_family, build_moe
+from .block import FAMILIES, SUPPORTED_MODELS, HFMoE, block_family, build_moe, moe_blocks
+from .restore import apply_xmoe_section
 
-
-def moe_blocks(model: nn.Module) -> list[HFMoE]:
-    """The model's :class:`HFMoE` blocks, in layer order."""
-    return [m for m in model.modules() if isinstance(m, HFMoE)]
+__all__ = ["from_pretrained", "moe_blocks", "patch"]
 
 
 def patch(model: nn.Module, *, backend: str = "auto", share: bool = True) -> list[HFMoE]:
@@ -69,7 +67,7 @@ def from_pretrained(
         **hf_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
 
     If the config has an ``xmoe`` section (written by ``xmoe export-hf`` for a threshold run),
-    its routing is restored (:func:`xmoe.hf.routing.apply_xmoe_section`): the exported top-k
+    its routing is restored (:func:`xmoe.hf.restore.apply_xmoe_section`): the exported top-k
     (k = max experts) is only the closest thing plain transformers can run.
     """
     if isinstance(path_or_model, nn.Module):
@@ -83,8 +81,6 @@ def from_pretrained(
     patch(model, backend=backend, share=share)
     section = getattr(model.config, "xmoe", None)
     if section:
-        from .routing import apply_xmoe_section
-
         apply_xmoe_section(model, section)
     return model
 

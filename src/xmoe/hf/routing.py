@@ -5,7 +5,8 @@
 - :func:`replace_router`: any other xmoe router, built per block by a callable.
 - :func:`fit_budget`: per-layer t (or entropy cut-off) fitted on calibration inputs to a target
   mean experts/token, given directly or as a fraction of the native top-k FLOPs.
-- :func:`apply_xmoe_section`: the routing an xmoe export wrote into config.json.
+- :func:`apply_xmoe_section` (from :mod:`xmoe.hf.restore`): the routing an xmoe export wrote
+  into config.json; :func:`restore_threshold_section` reads a hand-written section.
 
 Restoring native routing (``set_routing(model, "native")``) gives the HF logits back exactly:
 the router weight and experts never change, only the selection rule.
@@ -19,19 +20,24 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive, check_range
-from ..routing import Router, ThresholdRouter
+from ..routing import Router
 from ..routing.budget import calibrate_threshold
-from .block import HFMoE
-from .patch import moe_blocks
+from .block import HFMoE, require_blocks
+from .restore import apply_xmoe_section
 
 RULES = ("native", "topk", "threshold", "entropy_k")
 
-
-def _blocks(model: nn.Module) -> list[HFMoE]:
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ValueError("model has no xmoe MoE blocks: call xmoe.hf.patch(model) first")
-    return blocks
+__all__ = [
+    "RULES",
+    "apply_xmoe_section",
+    "capture_inputs",
+    "fit_budget",
+    "native_k",
+    "replace_router",
+    "restore_threshold_section",
+    "routing_state",
+    "set_routing",
+]
 
 
 def _per_layer(name: str, value, n: int, scalar: Callable[[object], bool]) -> list:
@@ -73,7 +79,7 @@ def set_routing(
     The score function, selection bias, groups and scaling stay the family's.
     """
     check_choice("rule", rule, RULES)
-    blocks = _blocks(model)
+    blocks = require_blocks(model)
     n = len(blocks)
     if rule == "native":
         for b in blocks:
@@ -111,7 +117,7 @@ def replace_router(model: nn.Module, factory: Callable[[HFMoE], Router]) -> None
     """Any xmoe router: ``factory(block)`` returns the router for each block (its
     ``num_experts`` must be the block's; copy or share ``block.router.weight`` as it needs).
     ``set_routing(model, "native")`` restores the HF rule."""
-    for b in _blocks(model):
+    for b in require_blocks(model):
         router = factory(b)
         if not isinstance(router, Router) or router.num_experts != b.num_experts:
             raise ValueError(
@@ -123,7 +129,7 @@ def replace_router(model: nn.Module, factory: Callable[[HFMoE], Router]) -> None
 def routing_state(model: nn.Module) -> list[dict]:
     """Each block's current router options (``ScoredRouter.options()``, or the class name)."""
     out = []
-    for b in _blocks(model):
+    for b in require_blocks(model):
         opts = getattr(b.router, "options", None)
         out.append(opts() if callable(opts) else {"router": type(b.router).__name__})
     return out
@@ -135,7 +141,7 @@ def capture_inputs(
 ) -> list[Tensor]:
     """Run ``model`` on ``batches`` (``input_ids [B, T]``) with its current routing and keep the
     first ``max_tokens`` inputs ``[N, d_model]`` of each MoE block (forward pre-hooks)."""
-    blocks = _blocks(model)
+    blocks = require_blocks(model)
     store: list[list[Tensor]] = [[] for _ in blocks]
     counts = [0] * len(blocks)
 
@@ -162,7 +168,7 @@ def capture_inputs(
 
 def native_k(model: nn.Module) -> list[int]:
     """Each block's native experts per token (routed, shared experts excluded)."""
-    return [int(b.native_options["k"]) for b in _blocks(model)]
+    return [int(b.native_options["k"]) for b in require_blocks(model)]
 
 
 @torch.no_grad()
@@ -203,7 +209,7 @@ def fit_budget(
     (the layer's rate on the calibration inputs; the rate on other text differs a little).
     """
     check_choice("rule", rule, ("threshold", "entropy_k"))
-    blocks = _blocks(model)
+    blocks = require_blocks(model)
     n = len(blocks)
     if (target_experts_per_token is None) == (flop_fraction is None):
         raise ValueError("give exactly one of target_experts_per_token and flop_fraction")
@@ -267,32 +273,6 @@ def _cutoffs(c: float, kmax: int) -> tuple[float, ...]:
     c = min(max(c, 1e-6), 1.0)
     step = (1.0 - c) / (kmax - 1)
     return tuple(c + i * step for i in range(kmax - 1))
-
-
-def apply_xmoe_section(model: nn.Module, section: dict) -> None:
-    """Restore the routing recorded in the ``xmoe`` section of an exported config.json.
-
-    Uses ``xmoe.hf.export.restore_routing(model, section)`` when that module provides it (the
-    exporter owns the format); otherwise :func:`restore_threshold_section`. A threshold router
-    it installs is then expressed as the equal :class:`~xmoe.routing.ScoredRouter` rule
-    (softmax, ``selection="threshold"``), so that :func:`routing_state`, :func:`set_routing`
-    and :func:`fit_budget` treat it like any other rule.
-    """
-    try:
-        from .export import restore_routing  # the exporter's reader, when present
-    except ImportError:
-        restore_threshold_section(model, section)
-        return
-    restore_routing(model, section)
-    for b in _blocks(model):
-        r = b.router
-        if isinstance(r, ThresholdRouter):
-            b.use_routing(
-                selection="threshold",
-                threshold=float(r.threshold),
-                max_experts=r.max_experts,
-                normalize=bool(r.renormalize),
-            )
 
 
 def restore_threshold_section(model: nn.Module, section: dict) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from .._checks import check_choice, check_int
-from .block import block_family
+from .block import block_family, moe_blocks
 from .evaluate import batches, corpus_split, evaluate, time_forwards, token_windows
-from .patch import from_pretrained, moe_blocks
+from .patch import from_pretrained
 from .routing import capture_inputs, fit_budget, routing_state, set_routing
 
 POINT_RULES = ("native", "restored", "topk", "threshold", "budget", "entropy_k")
