@@ -178,7 +178,7 @@ def _eval(args) -> int:
         point = Point("native")
     session = Session(_session_config(args))
     native = session.evaluate(Point("native"))
-    row = session.evaluate(point)
+    row = dict(native) if point.rule == "native" else session.evaluate(point)
     row["native_ppl"] = native["ppl"]
     row["native_check"] = session.native_check()
     print(f"model {args.model}: {session.windows.shape[0]} windows x {session.seq_len} tokens")
