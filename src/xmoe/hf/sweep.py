@@ -192,9 +192,15 @@ def plot_sweep(result: dict, path: Path) -> None:
         xs, ys = zip(*pts)
         line = "" if rule in ("native", "restored", "topk") else "-"
         ax.plot(xs, ys, marker=marker, color=color, linestyle=line, label=label, ms=7)
+    native = next((r for r in result["rows"] if r["rule"] == "native"), None)
+    if native is not None:  # the target: within 2% of native ppl at 75% of its FLOPs
+        ax.axhline(native["ppl"] * 1.02, color="k", lw=0.8, ls="--", label="native ppl + 2%")
+        ax.axvline(native["mean_experts_per_token"] * 0.75, color="k", lw=0.8, ls=":",
+                   label="75% of native FLOPs")  # fmt: skip
     ax.set_xlabel("mean routed experts per token")
     ax.set_ylabel("perplexity")
-    ax.set_title(Path(result["model"]).name)
+    model = Path(result["model"])
+    ax.set_title(f"{model.parent.name}/{model.name}" if model.parent.name else model.name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
