@@ -7,7 +7,7 @@ import json
 import pytest
 from hf_tiny import save_local_bert
 
-from xmoe.convert.pipeline import EvalConfig
+from xmoe.convert.convert_eval import EvalConfig
 from xmoe.experiments.convert_sweep import SweepConfig, run_sweep
 
 

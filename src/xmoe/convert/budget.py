@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._checks import check_range
 from .calibrate import capture_input
-from .convert import converted_ffns
+from .convert import converted_ffns, set_thresholds
 from .ffn import ConvertedFFN
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 ... 1.0
@@ -152,14 +152,3 @@ def spread_batches(batches: list[dict[str, Tensor]], tokens: int) -> list[dict[s
         if sum(sizes[::step]) >= tokens:
             return batches[::step]
     return batches
-
-
-def set_thresholds(model: nn.Module, thresholds: list[float]) -> None:
-    """Give converted FFN l the threshold ``thresholds[l]``."""
-    ffns = converted_ffns(model)
-    if len(thresholds) != len(ffns):
-        raise ValueError(
-            f"thresholds: got {len(thresholds)} values for a model with {len(ffns)} converted FFNs"
-        )
-    for f, t in zip(ffns, thresholds, strict=True):
-        f.set_threshold(t)

@@ -266,6 +266,17 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
         f.set_threshold(threshold)
 
 
+def set_thresholds(model: nn.Module, thresholds: list[float]) -> None:
+    """Give converted FFN l the threshold ``thresholds[l]``."""
+    ffns = converted_ffns(model)
+    if len(thresholds) != len(ffns):
+        raise ValueError(
+            f"thresholds: got {len(thresholds)} values for a model with {len(ffns)} converted FFNs"
+        )
+    for f, t in zip(ffns, thresholds, strict=True):
+        f.set_threshold(t)
+
+
 def set_mode(model: nn.Module, mode: str) -> None:
     """``learned`` / ``oracle`` routing, or ``dense`` (all neurons, plain GEMMs) everywhere."""
     check_choice("mode", mode, MODES)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import markdown_table
-from .convert import converted_ffns, set_mode, set_threshold
+from .convert import converted_ffns, set_mode, set_threshold, set_thresholds
 from .ffn import ConvertedFFN
 
 
@@ -107,18 +107,11 @@ def flop_fraction(ffns: list[ConvertedFFN], experts_per_token: list[float]) -> f
 def apply_threshold(model: nn.Module, threshold: float | list[float]) -> None:
     """One t for every converted FFN, or a list with one t per FFN (in module order)."""
     if isinstance(threshold, (list, tuple)):
-        ffns = converted_ffns(model)
-        if len(threshold) != len(ffns):
-            raise ValueError(
-                f"threshold: got {len(threshold)} per-layer values for {len(ffns)} FFNs"
-            )
-        for f, t in zip(ffns, threshold, strict=True):
-            f.set_threshold(t)
+        set_thresholds(model, list(threshold))
     else:
         set_threshold(model, threshold)
 
 
-@torch.no_grad()
 def evaluate_point(
     model, batches, order, dense_emb: Tensor, mode: str, threshold: float | list[float]
 ) -> dict:
