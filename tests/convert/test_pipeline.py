@@ -1,4 +1,5 @@
-"""`xmoe convert` and `xmoe convert-eval` end to end (cli/convert.py -> convert/pipeline.py)."""
+"""`xmoe convert` and `xmoe convert-eval` end to end (cli/convert.py -> convert/pipeline.py,
+convert/convert_eval.py)."""
 
 from __future__ import annotations
 

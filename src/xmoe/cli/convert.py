@@ -1,15 +1,26 @@
 """``xmoe convert``, ``xmoe convert-eval`` and ``xmoe convert-sweep``: flags → typed configs.
 
-The work is library code: :mod:`xmoe.convert.pipeline` (convert, evaluate) and
-:mod:`xmoe.experiments.convert_sweep`. Heavy imports (torch models, transformers) happen inside
-the handlers so ``xmoe --help`` stays fast.
+The work is library code: :mod:`xmoe.convert.pipeline` (convert), :mod:`xmoe.convert.convert_eval`
+(evaluate) and :mod:`xmoe.experiments.convert_sweep`. The flag parsers are :mod:`.convert_args`,
+the printed summaries :mod:`.convert_report`. Heavy imports (torch models, transformers) happen
+inside the handlers so ``xmoe --help`` stays fast.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-MINILM = "minilm"  # xmoe.convert.pipeline.MINILM (not imported here: `xmoe --help` stays fast)
+from .convert_args import (
+    eval_config,
+    parse_choices,
+    parse_floats,
+    parse_ints,
+    require_positive,
+    setup_threads,
+)
+from .convert_report import convert_lines, eval_lines
+
+MINILM = "minilm"  # xmoe.convert.base.MINILM (not imported here: `xmoe --help` stays fast)
 DEFAULT_THRESHOLDS = "1.0,0.95,0.9,0.8,0.7,0.6,0.5"
 
 
@@ -165,85 +176,6 @@ def add_parser(sub) -> None:
     s.set_defaults(handler=_convert_sweep)
 
 
-# ------------------------------------------------------------------------------ argument parsing
-
-
-def _floats(flag: str, text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or not all(0.0 < v <= 1.0 for v in vals):
-        raise ValueError(f"{flag} must be comma-separated numbers in (0, 1], got {text!r}")
-    return vals
-
-
-def _thresholds(flag: str, text: str) -> list:
-    """Comma-separated t values in (0, 1], each possibly ``saved``."""
-    parts = [v.strip() for v in text.split(",") if v.strip()]
-    nums = [v for v in parts if v != "saved"]
-    vals = _floats(flag, ",".join(nums)) if nums else []
-    if not parts:
-        raise ValueError(
-            f"{flag} must be comma-separated numbers in (0, 1] or 'saved', got {text!r}"
-        )
-    it = iter(vals)
-    return ["saved" if v == "saved" else next(it) for v in parts]
-
-
-def _ints(flag: str, text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) < 1:
-        raise ValueError(f"{flag} must be comma-separated integers >= 1, got {text!r}")
-    return vals
-
-
-def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
-    vals = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in allowed]
-    if not vals or bad:
-        raise ValueError(f"{flag} must be a comma-separated subset of {allowed}, got {text!r}")
-    return vals
-
-
-def _positive(flag: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{flag} must be >= 1, got {value}")
-
-
-def _setup_threads(threads: int | None) -> None:
-    import torch
-
-    _positive("--threads", threads)
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def _eval_config(args, routers: list[str], progress: bool, allow_saved: bool = False):
-    from ..convert.pipeline import EvalConfig
-
-    _positive("--repeats", args.repeats)
-    if args.shakespeare < 0 or args.stdlib < 0:
-        raise ValueError("--shakespeare and --stdlib must be >= 0")
-    thresholds = (
-        _thresholds("--thresholds", args.thresholds)
-        if allow_saved
-        else _floats("--thresholds", args.thresholds)
-    )
-    return EvalConfig(
-        thresholds=thresholds,
-        routers=routers,
-        shakespeare=args.shakespeare,
-        stdlib=args.stdlib,
-        speed=not args.no_speed,
-        repeats=args.repeats,
-        progress=progress,
-    )
-
-
 # ------------------------------------------------------------------------------ convert
 
 
@@ -270,13 +202,13 @@ def _convert(args) -> int:
     if args.finetune_steps < 0:
         raise ValueError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.finetune_steps and args.finetune_threshold is not None:
-        _floats("--finetune-threshold", str(args.finetune_threshold))
+        parse_floats("--finetune-threshold", str(args.finetune_threshold))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(
             f"--out {str(out)!r} is not empty; pass --overwrite to replace its contents"
         )
-    _setup_threads(args.threads)
+    setup_threads(args.threads)
     finetune = (
         Finetune(
             args.finetune_steps, args.finetune_threshold, args.finetune_lr, args.finetune_params
@@ -287,41 +219,7 @@ def _convert(args) -> int:
     manifest = convert_pretrained(
         args.model, out, cfg, args.calib_data, finetune, progress=not args.no_progress
     )
-    print(
-        f"converted {args.model} ({manifest['model_class']}, adapter {manifest['adapter']}): "
-        f"{len(manifest['layers'])} FFNs x {cfg.num_experts} experts, split={cfg.split}, "
-        f"router={cfg.router}"
-    )
-    if cfg.router == "learned":
-        key = "router_bce" if cfg.router_target == "select" else "router_kl"
-        kls = [lay.get(key) for lay in manifest["layers"]]
-        print(f"  {key} per layer: " + ", ".join(f"{k:.4f}" for k in kls))
-    if "relufy" in manifest:
-        err = manifest["relufy"]["refit"]["rel_error_after"]
-        print("  relufied; refit relative error per layer: " + ", ".join(f"{e:.3f}" for e in err))
-    if "flop_budget" in manifest:
-        fb = manifest["flop_budget"]
-        print(
-            f"  FLOP budget {fb['budget']:g}: thresholds "
-            + ", ".join(f"{t:g}" for t in fb["thresholds"])
-            + f" (calibration FLOP fraction {fb['flop_fraction']:.3f})"
-        )
-    if "refit" in manifest:
-        r = manifest["refit"]
-        print(
-            "  sparse refit relative error per layer: "
-            + ", ".join(
-                f"{a:.3f}->{b:.3f}"
-                for a, b in zip(r["rel_error_before"], r["rel_error_after"], strict=True)
-            )
-        )
-    if "finetune" in manifest:
-        ft = manifest["finetune"]
-        print(
-            f"  distilled at t={ft['threshold']} ({ft['params']}): "
-            f"loss {ft['loss_first']:.4f} -> {ft['loss_last']:.4f}"
-        )
-    print(f"  saved to {out}  (next: xmoe convert-eval {out})")
+    print("\n".join(convert_lines(args.model, manifest, cfg, out)))
     return 0
 
 
@@ -329,38 +227,18 @@ def _convert(args) -> int:
 
 
 def _convert_eval(args) -> int:
-    routers = _choices("--routers", args.routers, ("learned", "oracle"))
-    cfg = _eval_config(args, routers, not args.no_progress, allow_saved=True)
+    routers = parse_choices("--routers", args.routers, ("learned", "oracle"))
+    cfg = eval_config(args, routers, not args.no_progress, allow_saved=True)
     from ..convert.saving import MANIFEST
 
     d = Path(args.dir)
     if not (d / MANIFEST).is_file():
         raise ValueError(f"{str(d)!r} is not a directory written by `xmoe convert` (no {MANIFEST})")
-    _setup_threads(args.threads)
-    from ..convert.evaluate import format_table
-    from ..convert.pipeline import evaluate_converted
+    setup_threads(args.threads)
+    from ..convert.convert_eval import evaluate_converted
 
     result = evaluate_converted(d, cfg, Path(args.json) if args.json else None)
-    manifest, info = result["manifest"], result["corpus"]
-    ft = manifest.get("finetune")
-    print(
-        f"{d}: {manifest['model_class']}, {len(manifest['layers'])} FFNs x "
-        f"{manifest['config']['num_experts']} experts, split={manifest['config']['split']}"
-        + (f", distilled at t={ft['threshold']}" if ft else "")
-    )
-    print(
-        f"corpus: {info['shakespeare_heldout_lines']} held-out Shakespeare lines + "
-        f"{info['stdlib_docstring_sentences']} stdlib docstring sentences; "
-        f"reference: {result['reference']}"
-    )
-    print(format_table(result["rows"], cfg.speed))
-    env = result["environment"]
-    if cfg.speed:
-        print(
-            f"speed: {env['device']} {env['dtype']}, {env['threads']} threads, "
-            f"torch {env['torch']}; ratio dense/sparse, interleaved, median of repeats"
-        )
-    print(f"rows: {result['json']}")
+    print("\n".join(eval_lines(d, result, cfg.speed)))
     return 0
 
 
@@ -368,15 +246,15 @@ def _convert_eval(args) -> int:
 
 
 def _convert_sweep(args) -> int:
-    experts = _ints("--experts", args.experts)
+    experts = parse_ints("--experts", args.experts)
     from ..convert.split import SPLITS
 
-    splits = _choices("--splits", args.splits, SPLITS)
-    routers = _choices("--routers", args.routers, ("learned", "oracle"))
-    eval_cfg = _eval_config(args, routers, not args.no_progress)
-    _positive("--calib-tokens", args.calib_tokens)
-    _positive("--router-steps", args.router_steps)
-    _setup_threads(args.threads)
+    splits = parse_choices("--splits", args.splits, SPLITS)
+    routers = parse_choices("--routers", args.routers, ("learned", "oracle"))
+    eval_cfg = eval_config(args, routers, not args.no_progress)
+    require_positive("--calib-tokens", args.calib_tokens)
+    require_positive("--router-steps", args.router_steps)
+    setup_threads(args.threads)
     from ..experiments.convert_sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(
