@@ -38,6 +38,15 @@ def calibration_batches(
     return batches
 
 
+def _kept_rows(x: Tensor, mask: list[Tensor]) -> Tensor:
+    """``x: [B, T, d]`` as ``[N, d]`` fp32 rows, detached, keeping the non-padding positions
+    when ``mask`` holds the batch's attention mask ``[B, T]`` (all rows when it is empty)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if mask:
+        flat = flat[mask[0].reshape(-1).bool()]
+    return flat.detach().float()
+
+
 @torch.no_grad()
 def capture_ffn_inputs(
     model: nn.Module,
@@ -55,11 +64,7 @@ def capture_ffn_inputs(
 
     def hook(i):
         def fn(_module, args):
-            x = args[0]
-            rows = x.reshape(-1, x.shape[-1])
-            if mask_now:
-                rows = rows[mask_now[0].reshape(-1).bool()]
-            store[i].append(rows.detach().float())
+            store[i].append(_kept_rows(args[0], mask_now))
 
         return fn
 
@@ -92,11 +97,7 @@ def capture_input(model: nn.Module, module: nn.Module, batches: list[dict[str, T
     mask_now: list[Tensor] = []
 
     def hook(_m, args):
-        x = args[0]
-        flat = x.reshape(-1, x.shape[-1])
-        if mask_now:
-            flat = flat[mask_now[0].reshape(-1).bool()]
-        rows.append(flat.detach().float())
+        rows.append(_kept_rows(args[0], mask_now))
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
