@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 
 def translate_command(args) -> int:
-    from ..train.translate_task import Translator
+    from ..train.translator import Translator
 
     if args.input:
         p = Path(args.input)

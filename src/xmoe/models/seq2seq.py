@@ -1,9 +1,9 @@
 """A pre-LN encoder–decoder Transformer whose encoder FFNs can be MoE layers (XMoE's MT setup).
 
-Read it top to bottom. The parts the GPT has are taken from :mod:`xmoe.models.gpt`: the
-decoder's causal self-attention (with its :class:`~xmoe.models.kv_cache.KVCache`), the dense
-FFN and the MoE builder. New here: bidirectional attention with a padding mask (encoder self-
-attention, and cross-attention whose keys/values are computed once per source).
+Read it top to bottom; the config is in :mod:`.seq2seq_config`, the blocks (bidirectional
+attention with a padding mask, the dense-or-MoE FFN, the encoder and decoder blocks) in
+:mod:`.seq2seq_blocks`. The decoder's causal self-attention (with its
+:class:`~xmoe.models.kv_cache.KVCache`), the dense FFN and the MoE builder are the GPT's.
 
 Every ``encoder_moe_every``-th encoder block (1-based, as in the GPT; 2 = every second one, as
 in the paper) uses :class:`~xmoe.moe.layer.MoE`; ``decoder_moe_every`` does the same in the
@@ -20,162 +20,21 @@ everything else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int, check_range
-from ..moe.config import MoEConfig
 from ..moe.experts import Experts
 from ..moe.layer import MoE
 from ..routing import Routing
-from .gpt import CausalSelfAttention, DenseFFN, GPTConfig, build_moe
+from .gpt import DenseFFN
 from .kv_cache import KVCache
+from .seq2seq_blocks import DecoderBlock, EncoderBlock, is_moe
+from .seq2seq_config import Seq2SeqConfig
 
-
-@dataclass
-class Seq2SeqConfig:
-    vocab_size: int = 2000  # shared source/target subword vocabulary
-    max_len: int = 64  # tokens per side, BOS/EOS included
-    n_encoder_layers: int = 2
-    n_decoder_layers: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 512  # dense FFN width (the reference of the MoE compute ratio)
-    encoder_moe_every: int = 2  # paper: every second encoder layer; 0: dense
-    decoder_moe_every: int = 0  # optional MoE in the decoder; 0: dense
-    dropout: float = 0.1
-    activation: str = "gelu"
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-
-    def validate(self) -> None:
-        for name in ("vocab_size", "n_head", "d_model", "d_ff"):
-            check_int(name, getattr(self, name), 1)
-        check_int("max_len", self.max_len, 2)
-        check_int("n_encoder_layers", self.n_encoder_layers, 1)
-        check_int("n_decoder_layers", self.n_decoder_layers, 1)
-        check_int("encoder_moe_every", self.encoder_moe_every, 0)
-        check_int("decoder_moe_every", self.decoder_moe_every, 0)
-        check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head")
-        for name in ("pad_id", "bos_id", "eos_id"):
-            check_int(name, getattr(self, name), 0, self.vocab_size - 1)
-
-    def gpt_view(self) -> GPTConfig:
-        """The GPT config the shared blocks read (width, heads, dropout, MoE, vocabulary)."""
-        return GPTConfig(
-            vocab_size=self.vocab_size,
-            block_size=self.max_len,
-            n_layer=self.n_decoder_layers,
-            n_head=self.n_head,
-            d_model=self.d_model,
-            d_ff=self.d_ff,
-            dropout=self.dropout,
-            activation=self.activation,
-            moe=self.moe,
-        )
-
-
-def _is_moe(every: int, i: int) -> bool:
-    return every > 0 and (i + 1) % every == 0
-
-
-class Attention(nn.Module):
-    """Bidirectional multi-head attention of queries ``x`` over keys/values of ``kv``."""
-
-    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.dropout = dropout
-
-    def keys_values(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """``kv: [B, S, C]`` → keys, values ``[B, H, S, C/H]`` (computed once per source)."""
-        B, S, C = kv.shape
-        k, v = self.kv(kv).split(C, dim=2)
-        return tuple(t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))
-
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
-        """``x: [B, T, C]``; ``key_mask: [B, S]`` True at real (non-pad) keys."""
-        B, T, C = x.shape
-        q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        drop = self.dropout if self.training else 0.0
-        mask = key_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class FFN(nn.Module):
-    """The dense FFN or the MoE of a block; MoE routes only the rows where ``mask`` is True."""
-
-    def __init__(self, cfg: Seq2SeqConfig, use_moe: bool) -> None:
-        super().__init__()
-        gpt = cfg.gpt_view()
-        self.inner: nn.Module = (
-            build_moe(gpt) if use_moe else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
-        )
-
-    def forward(self, h: Tensor, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Routing | None]:
-        if not isinstance(self.inner, MoE):
-            return self.inner(h), None
-        if mask is None:
-            return self.inner.forward_with_routing(h, token_ids=ids)
-        out = torch.zeros_like(h)
-        y, routing = self.inner.forward_with_routing(h[mask], token_ids=ids[mask])
-        out[mask] = y.to(out.dtype)
-        return out, routing
-
-
-class EncoderBlock(nn.Module):
-    def __init__(self, cfg: Seq2SeqConfig, use_moe: bool) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.dropout)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = FFN(cfg, use_moe)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Routing | None]:
-        h = self.ln1(x)
-        k, v = self.attn.keys_values(h)
-        x = x + self.drop(self.attn(h, k, v, mask))
-        y, routing = self.ffn(self.ln2(x), ids, mask)
-        return x + self.drop(y), routing
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, cfg: Seq2SeqConfig, use_moe: bool) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.self_attn = CausalSelfAttention(cfg.gpt_view())
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.cross = Attention(cfg.d_model, cfg.n_head, cfg.dropout)
-        self.ln3 = nn.LayerNorm(cfg.d_model)
-        self.ffn = FFN(cfg, use_moe)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(
-        self,
-        x: Tensor,
-        ids: Tensor,
-        memory_kv: tuple[Tensor, Tensor],
-        src_mask: Tensor,
-        tgt_mask: Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-    ) -> tuple[Tensor, Routing | None]:
-        x = x + self.drop(self.self_attn(self.ln1(x), cache, layer))
-        x = x + self.drop(self.cross(self.ln2(x), *memory_kv, src_mask))
-        y, routing = self.ffn(self.ln3(x), ids, tgt_mask)
-        return x + self.drop(y), routing
+__all__ = ["DecodeState", "Seq2Seq", "Seq2SeqConfig", "Seq2SeqOutput"]
 
 
 @dataclass
@@ -212,13 +71,11 @@ class Seq2Seq(nn.Module):
         self.tgt_pos = nn.Embedding(cfg.max_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(
-            EncoderBlock(cfg, _is_moe(cfg.encoder_moe_every, i))
-            for i in range(cfg.n_encoder_layers)
+            EncoderBlock(cfg, is_moe(cfg.encoder_moe_every, i)) for i in range(cfg.n_encoder_layers)
         )
         self.ln_enc = nn.LayerNorm(cfg.d_model)
         self.decoder = nn.ModuleList(
-            DecoderBlock(cfg, _is_moe(cfg.decoder_moe_every, i))
-            for i in range(cfg.n_decoder_layers)
+            DecoderBlock(cfg, is_moe(cfg.decoder_moe_every, i)) for i in range(cfg.n_decoder_layers)
         )
         self.ln_dec = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -6,7 +6,8 @@ as the encoder–decoder's: ``vocab_size`` (the shared subword vocabulary), ``bl
 most tokens per side, BOS/EOS included), ``n_layer`` (encoder layers, and as many decoder
 layers), ``n_head``, ``d_model``, ``d_ff``, ``dropout``, ``activation``, ``moe_every`` (MoE in
 every ``moe_every``-th encoder layer; 2 as in the paper) and ``moe`` (the MoE layers).
-The translation settings are ``task_options`` (:class:`TranslateOptions`).
+The translation settings are ``task_options`` (:class:`~.translate_options.TranslateOptions`);
+scores and FLOPs are in :mod:`.translate_metrics`, a trained run is loaded by :mod:`.translator`.
 
 Pairs whose source, or target + EOS, is longer than ``block_size`` tokens are left out of
 every split (counted in ``data_stats``). Batches are a pure function of (seed, step).
@@ -23,56 +24,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_range
-from ..data.parallel import AlignOptions, Pair, load_or_build_corpus, load_or_train_pair_tokenizer
+from ..data.parallel import Pair, load_or_build_corpus, load_or_train_pair_tokenizer
 from ..models.beam import decode
-from ..models.seq2seq import Seq2Seq, Seq2SeqConfig
+from ..models.seq2seq import Seq2Seq
 from .config import RunConfig
 from .evaluate import load_imbalance
 from .step_stats import StepOutput, mean_or_none
-
-
-@dataclass
-class TranslateOptions:
-    decoder_moe_every: int = 0  # MoE in the decoder too (0: dense decoder, as in the paper)
-    label_smoothing: float = 0.1  # fairseq's transformer_wmt_en_de recipe
-    beam: int = 4  # final test decoding (1: greedy)
-    length_penalty: float = 1.0  # score / length ** length_penalty
-    # final BLEU/chrF++ on the first N pairs of a fixed shuffle of val and of test (0: all)
-    eval_sentences: int = 400
-    min_similarity: float = 0.6  # alignment floor (data/parallel.py)
-    max_lines: int = 3
-    max_chars: int = 200
-    corpus_cache: str | None = None  # a folder whose parallel.json is copied in (grids share it)
-
-    def validate(self) -> None:
-        check_int("task_options.decoder_moe_every", self.decoder_moe_every, 0)
-        check_range("task_options.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
-        check_int("task_options.beam", self.beam, 1)
-        check_range("task_options.length_penalty", self.length_penalty, 0.0, 10.0)
-        check_int("task_options.eval_sentences", self.eval_sentences, 0)
-        self.align().validate()
-
-    def align(self) -> AlignOptions:
-        return AlignOptions(self.min_similarity, self.max_lines, self.max_chars)
-
-
-def model_config(cfg: RunConfig, options: TranslateOptions) -> Seq2SeqConfig:
-    m = cfg.model
-    return Seq2SeqConfig(
-        vocab_size=m.vocab_size,
-        max_len=m.block_size,
-        n_encoder_layers=m.n_layer,
-        n_decoder_layers=m.n_layer,
-        n_head=m.n_head,
-        d_model=m.d_model,
-        d_ff=m.d_ff,
-        encoder_moe_every=m.moe_every,
-        decoder_moe_every=options.decoder_moe_every,
-        dropout=m.dropout,
-        activation=m.activation,
-        moe=m.moe,
-    )
+from .translate_metrics import ffn_flops, scores
+from .translate_options import TranslateOptions, model_config
 
 
 @dataclass
@@ -88,20 +47,6 @@ def pad(rows: list[list[int]], value: int = 0) -> Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
-
-
-def scores(hyps: list[str], refs: list[str]) -> dict:
-    """sacreBLEU BLEU and chrF++ (word_order=2) of ``hyps`` against one reference each."""
-    import sacrebleu
-
-    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-    chrf = sacrebleu.metrics.CHRF(word_order=2).corpus_score(hyps, [refs]).score
-    return {"bleu": bleu, "chrf": chrf}
-
-
-def ffn_flops(d_model: int, width: int, activation: str) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one token through an FFN of hidden ``width``."""
-    return (6 if activation == "swiglu" else 4) * d_model * width
 
 
 class TranslateTask:
@@ -390,54 +335,3 @@ class TranslateTask:
                 "machine": platform.machine(),
             },
         }
-
-
-class Translator:
-    """A trained translate run, loaded for ``xmoe translate`` (the tokenizer and the
-    checkpoint's weights; the corpus is not rebuilt)."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        from ..data.parallel import load_pair_tokenizer
-        from .checkpoint import load_weights
-        from .run_dir import RunDir
-
-        run = RunDir(run_dir)
-        cfg = run.load_config()
-        if cfg.task != "translate":
-            raise ValueError(f"run dir {str(run.path)!r} is a {cfg.task!r} run, not translate")
-        ckpt = run.checkpoint()
-        if ckpt is None:
-            raise ValueError(f"run dir {str(run.path)!r} has no checkpoint")
-        self.task = TranslateTask(cfg)
-        self.task.tokenizer = load_pair_tokenizer(run.data_dir, self.task.model_cfg.vocab_size)
-        self.model = self.task.build_model(0)
-        load_weights(ckpt, self.model)
-        self.model.eval()
-
-    def translate(
-        self, lines: list[str], beam: int | None = None, truncate: bool = False
-    ) -> list[str]:
-        """One output line per input line (an empty line stays empty). A source longer than
-        the model's ``block_size`` raises ``ValueError`` naming the line, or with ``truncate``
-        keeps its first ``block_size - 1`` tokens."""
-        beam = self.task.options.beam if beam is None else check_int("beam", beam, 1)
-        c = self.task.model_cfg
-        sources, where = [], []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            ids = self.task.tokenizer.encode(line.strip()).ids
-            if len(ids) + 1 > c.max_len:
-                if not truncate:
-                    raise ValueError(
-                        f"input line {n} has {len(ids)} tokens; the model takes at most "
-                        f"{c.max_len - 1} (model.block_size={c.max_len} with EOS); split the "
-                        "line or pass --truncate"
-                    )
-                ids = ids[: c.max_len - 1]
-            sources.append(ids + [c.eos_id])
-            where.append(n - 1)
-        out = [""] * len(lines)
-        for i, text in zip(where, self.task.translate_ids(self.model, sources, beam)):
-            out[i] = text
-        return out
