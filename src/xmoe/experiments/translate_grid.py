@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .._checks import check_int
 from .._io import atomic_write, markdown_table
+from .paper import _moe  # the model.moe.* overrides of one row, as the LM grid's
 
 E, D_FF = 8, 512
 
@@ -55,16 +56,6 @@ class Row:
     name: str
     overrides: dict = field(default_factory=dict)
     encoder_ffn: str = ""
-
-
-def _moe(num_experts: int, d_expert: int, router: str, **extra) -> dict:
-    out = {
-        "model.moe.num_experts": num_experts,
-        "model.moe.d_expert": d_expert,
-        "model.moe.router": router,
-    }
-    out.update({f"model.moe.{k}": v for k, v in extra.items()})
-    return out
 
 
 ROWS = [
