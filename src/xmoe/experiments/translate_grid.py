@@ -3,7 +3,9 @@ second encoder layer, 3 seeds per row (``xmoe translate-compare``; docs/translat
 
 Rows keep the total expert width at E·d_ff (E = 8): top-1 over E experts of width d_ff,
 top-2 over 2E of width d_ff/2, XMoE (t = 0.9) over 2E of d_ff/2 and 4E of d_ff/4, and the
-dense FFN of width d_ff. Every run has its folder ``runs/<row>-s<seed>/``; a run whose
+dense FFN of width d_ff. Two more rows carry the LM comparison's recipes over to 4E of d_ff/4:
+the budget controller at top-2's active FLOPs, and the ``soft_count`` sparsity loss.
+Every run has its folder ``runs/<row>-s<seed>/``; a run whose
 ``summary.json`` exists is skipped, one with a checkpoint resumes, so a stopped grid continues
 where it stopped. The aligned corpus is built once (``corpus/parallel.json``) and copied into
 each run's data folder. ``results.json`` and ``results.md`` are rewritten after every run.
@@ -79,6 +81,29 @@ ROWS = [
         "xmoe32",
         _moe(4 * E, D_FF // 4, "threshold", router_options={"threshold": 0.9}),
         f"XMoE t=0.9, {4 * E} x {D_FF // 4}",
+    ),
+    # the LM comparison's recipes (docs/results.md), carried over: the budget controller at
+    # top-2's active FLOPs (4 experts of d_ff/4 = 2 of d_ff/2), and the soft_count loss
+    Row(
+        "xmoe32@top2_flops",
+        _moe(
+            4 * E,
+            D_FF // 4,
+            "threshold",
+            router_options={"threshold": 0.9, "target_experts_per_token": 4.0},
+        ),
+        f"XMoE, {4 * E} x {D_FF // 4}, budget controller at 4 experts/token (top-2's FLOPs)",
+    ),
+    Row(
+        "xmoe32+soft_count",
+        _moe(
+            4 * E,
+            D_FF // 4,
+            "threshold",
+            router_options={"threshold": 0.9},
+            loss_coefs={"soft_count": 0.01},
+        ),
+        f"XMoE t=0.9, {4 * E} x {D_FF // 4}, soft_count sparsity loss 0.01",
     ),
 ]
 
