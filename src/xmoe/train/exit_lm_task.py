@@ -1,14 +1,13 @@
 """``xmoe train --task exit`` with ``backbone=gpt``: the XMoE GPT LM with per-token exits.
 
 :class:`~xmoe.train.exit_task.ExitTask` dispatches here; the options are its
-:class:`~xmoe.train.exit_task.ExitOptions`.
+:class:`~xmoe.train.exit_options.ExitOptions`.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +19,9 @@ from ..exit.objective import gm_loss, im_loss, im_weights
 from ..models.exit_gpt import ExitGPT, exit_ce
 from ..models.gpt import routing_summary
 from .config import RunConfig
+from .exit_options import ExitOptions
 from .lm_task import fit_token_statistics, load_data
 from .step_stats import StepOutput
-
-if TYPE_CHECKING:
-    from .exit_task import ExitOptions
 
 
 class ExitLMTask:

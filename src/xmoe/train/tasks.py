@@ -10,13 +10,21 @@ parses and checks them (unknown keys are refused by their full path, ``task_opti
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .typed import from_dict
 
 if TYPE_CHECKING:
-    from .config import RunConfig  # annotations only (no import at run time)
     from .task import Task
+
+
+class TaskSpec(Protocol):
+    """What this module reads of a config: a :class:`~xmoe.train.config.RunConfig` fits (named
+    structurally, so that config.py, which validates through here, is not imported back)."""
+
+    task: str
+    task_options: dict
+
 
 # name -> "module:Class" (module relative to the xmoe package)
 TASKS: dict[str, str] = {
@@ -37,7 +45,7 @@ def task_class(name: str) -> type:
         raise ValueError(f"task {name!r} is not available: {exc}") from exc
 
 
-def task_options(cfg: RunConfig):
+def task_options(cfg: TaskSpec):
     """``cfg.task_options`` parsed as the task's ``Options`` dataclass (None if it has none)."""
     cls = task_class(cfg.task)
     options = getattr(cls, "Options", None)
@@ -53,6 +61,6 @@ def task_options(cfg: RunConfig):
     return parsed
 
 
-def make_task(cfg: RunConfig) -> Task:
+def make_task(cfg: TaskSpec) -> Task:
     """The task ``cfg.task`` names, built on ``cfg``."""
     return task_class(cfg.task)(cfg)
