@@ -91,9 +91,20 @@ def test_a_broken_results_json_is_named(tmp_path):
 def test_granularity_rows_hold_top2_active_width():
     from xmoe.experiments.paper import granularity_rows
 
-    for row in granularity_rows(512):
+    rows = granularity_rows(512)
+    assert [r.name for r in rows] == [
+        "xmoe16@top2_flops",
+        "xmoe32@top2_flops",
+        "xmoe16+soft_count",
+        "xmoe32+soft_count",
+    ]
+    for row in rows:
         o = row.overrides
         n, width = o["model.moe.num_experts"], o["model.moe.d_expert"]
         assert n * width == 8 * 512
-        # top-2 over 16 x 256 computes 512 hidden units per token.
-        assert o["model.moe.router_options"]["target_experts_per_token"] * width == 512
+        if row.name.endswith("@top2_flops"):
+            # top-2 over 16 x 256 computes 512 hidden units per token.
+            assert o["model.moe.router_options"]["target_experts_per_token"] * width == 512
+        else:  # the sparsity recipe of xmoe64+soft_count, no budget
+            assert o["model.moe.loss_coefs"] == {"soft_count": 0.01}
+            assert "target_experts_per_token" not in o["model.moe.router_options"]

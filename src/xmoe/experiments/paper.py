@@ -84,7 +84,8 @@ def paper_rows(d_ff: int = 512, recipe: dict | None = None) -> list[Row]:
 def granularity_rows(d_ff: int = 512) -> list[Row]:
     """Expert size at equal active FLOPs: XMoE-16 and XMoE-32 held at top-2's active FLOPs by
     the budget controller, beside the first pass's ``xmoe64@top2_flops``. Same router, same
-    total width and the same active width per token; only the expert size differs."""
+    total width and the same active width per token; only the expert size differs. Then
+    XMoE-16 and XMoE-32 with the ``soft_count`` loss, beside ``xmoe64+soft_count``."""
     top2_width = 2 * (8 * d_ff // 16)  # hidden units per token of top-2 over 16 x d_ff/2
     rows = []
     for n in (16, 32):
@@ -96,6 +97,21 @@ def granularity_rows(d_ff: int = 512) -> list[Row]:
                 _moe(n, 8 * d_ff // n, "threshold", router_options=opts),
                 f"budget controller: {target:g} experts/token = top-2's active FLOPs",
                 group="granularity at top-2 FLOPs",
+            )
+        )
+    for n in (16, 32):  # the same question under the sparsity recipe (xmoe64+soft_count's)
+        rows.append(
+            Row(
+                f"xmoe{n}+soft_count",
+                _moe(
+                    n,
+                    8 * d_ff // n,
+                    "threshold",
+                    router_options={"threshold": 0.9},
+                    loss_coefs={"soft_count": 0.01},
+                ),
+                "sparsity regulariser",
+                group="granularity with soft_count",
             )
         )
     return rows
