@@ -82,6 +82,17 @@ def test_runs_outside_the_plan_stay_in_results_json(tmp_path):
     assert [r["row"] for r in table] == ["a"]
 
 
+def test_a_rows_subset_adds_to_the_whole_table(tmp_path):
+    calls: list = []
+    _grid(tmp_path, calls, rows=ROWS[1:])  # b first, as an earlier pass
+    _grid(tmp_path, calls, rows=ROWS[:1], table_rows=ROWS)  # then --rows a
+    table = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["row"], r["seeds"]) for r in table] == [("a", 2), ("b", 2)]
+    assert table[1]["val_ppl"] == 108.5  # b's recorded runs: 108 and 109
+    text = (tmp_path / "results.md").read_text()
+    assert "| a |" in text and "| b |" in text
+
+
 def test_a_broken_results_json_is_named(tmp_path):
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="results.json"):

@@ -91,7 +91,7 @@ def _preset_command(args) -> int:
         overrides["train.steps"] = args.steps
     config = args.config or PAPER_CONFIG
     model = load_config(config, overrides).model
-    rows = preset_rows(args.preset, model.d_ff, model.d_model)
+    rows = all_rows = preset_rows(args.preset, model.d_ff, model.d_model)
     if args.rows:
         wanted = [n.strip() for n in args.rows.split(",") if n.strip()]
         unknown = sorted(set(wanted) - {r.name for r in rows})
@@ -107,6 +107,7 @@ def _preset_command(args) -> int:
         overrides=overrides,
         progress=not args.no_progress,
         command=command_line(args),
+        table_rows=all_rows,
     )
     for line in aggregate(records, rows):
         print(

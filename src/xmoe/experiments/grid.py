@@ -68,8 +68,13 @@ def run_grid(
     progress: bool = True,
     command: str = "",
     train_fn: Callable | None = None,
+    table_rows: list[Row] | None = None,
 ) -> list[dict]:
-    """Train every (row, seed) not finished yet; returns the per-run records (all runs)."""
+    """Train every (row, seed) not finished yet; returns the per-run records of the plan.
+
+    The result files cover ``table_rows`` (default: ``rows``) over every recorded run, so a
+    ``--rows`` subset of a preset adds to its table instead of replacing it."""
+    table_rows = rows if table_rows is None else table_rows
     from ..train import train
     from ..train.config import load_config
 
@@ -105,9 +110,9 @@ def run_grid(
             summary = train_fn(cfg, run_dir, overwrite=True, progress=progress)
         record = run_record(row, seed, summary, cfg.model.d_model, run_dir)
         records.append({**record, "config_digest": digest})
-        write_grid(out_dir, records, rows, command, kept=kept)
+        write_grid(out_dir, records, table_rows, command, kept=kept)
     if records or kept:
-        write_grid(out_dir, records, rows, command, kept=kept)
+        write_grid(out_dir, records, table_rows, command, kept=kept)
     return records
 
 
@@ -221,8 +226,9 @@ def write_grid(
     out_dir: Path, records: list[dict], rows: list[Row], command: str, kept: tuple | list = ()
 ) -> list[Path]:
     """``results.json`` (every run and the aggregate), ``results.md`` and ``pareto.png``. The
-    table covers ``rows``; ``kept`` records (runs of other rows) are stored in the json too."""
-    table = aggregate(records, rows)
+    table covers ``rows`` over ``records`` and ``kept`` (runs recorded earlier, outside this
+    plan); every record is stored in the json."""
+    table = aggregate([*records, *kept], rows)
     atomic_write(
         out_dir / "results.json",
         json.dumps({"command": command, "rows": table, "runs": [*records, *kept]}, indent=1),
