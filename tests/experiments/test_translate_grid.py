@@ -35,9 +35,12 @@ def test_budget_row_sits_at_top2_flops(tmp_path):
     assert _active_width(budget) == _active_width(top2) == 2 * 256
 
 
-def test_soft_count_row_has_the_loss(tmp_path):
-    cfg = run_config(row_named("xmoe32+soft_count"), 0, tmp_path, None, {})
-    assert cfg.model.moe.loss_coefs["soft_count"] == 0.01
+def test_soft_count_rows_have_the_loss(tmp_path):
+    for name, experts in (("xmoe32+soft_count", 32), ("xmoe16+soft_count", 16)):
+        cfg = run_config(row_named(name), 0, tmp_path, None, {})
+        assert cfg.model.moe.loss_coefs == {"soft_count": 0.01}
+        assert cfg.model.moe.num_experts == experts
+        assert "target_experts_per_token" not in cfg.model.moe.router_options
 
 
 def test_unknown_row_names_the_choices():

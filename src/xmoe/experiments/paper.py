@@ -108,7 +108,7 @@ def granularity_rows(d_ff: int = 512) -> list[Row]:
                     8 * d_ff // n,
                     "threshold",
                     router_options={"threshold": 0.9},
-                    loss_coefs={"soft_count": 0.01},
+                    **RECIPE,
                 ),
                 "sparsity regulariser",
                 group="granularity with soft_count",

@@ -3,8 +3,9 @@ second encoder layer, 3 seeds per row (``xmoe translate-compare``; docs/translat
 
 Rows keep the total expert width at E·d_ff (E = 8): top-1 over E experts of width d_ff,
 top-2 over 2E of width d_ff/2, XMoE (t = 0.9) over 2E of d_ff/2 and 4E of d_ff/4, and the
-dense FFN of width d_ff. Two more rows carry the LM comparison's recipes over to 4E of d_ff/4:
-the budget controller at top-2's active FLOPs, and the ``soft_count`` sparsity loss.
+dense FFN of width d_ff. Three more rows carry the LM comparison's recipes over: the budget
+controller at top-2's active FLOPs on 4E of d_ff/4, and the ``soft_count`` sparsity loss on
+4E of d_ff/4 and 2E of d_ff/2.
 Every run has its folder ``runs/<row>-s<seed>/``; a run whose
 ``summary.json`` exists is skipped, one with a checkpoint resumes, so a stopped grid continues
 where it stopped. The aligned corpus is built once (``corpus/parallel.json``) and copied into
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from .._checks import check_int
 from .._io import atomic_write, markdown_table
-from .paper import _moe  # the model.moe.* overrides of one row, as the LM grid's
+from .paper import RECIPE, _moe  # a row's model.moe.* overrides and the LM grid's recipe
 
 E, D_FF = 8, 512
 
@@ -94,16 +95,13 @@ ROWS = [
         ),
         f"XMoE, {4 * E} x {D_FF // 4}, budget controller at 4 experts/token (top-2's FLOPs)",
     ),
-    Row(
-        "xmoe32+soft_count",
-        _moe(
-            4 * E,
-            D_FF // 4,
-            "threshold",
-            router_options={"threshold": 0.9},
-            loss_coefs={"soft_count": 0.01},
-        ),
-        f"XMoE t=0.9, {4 * E} x {D_FF // 4}, soft_count sparsity loss 0.01",
+    *(
+        Row(
+            f"xmoe{n}+soft_count",
+            _moe(n, 8 * D_FF // n, "threshold", router_options={"threshold": 0.9}, **RECIPE),
+            f"XMoE t=0.9, {n} x {8 * D_FF // n}, soft_count sparsity loss 0.01",
+        )
+        for n in (4 * E, 2 * E)
     ),
 ]
 
